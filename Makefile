@@ -1,0 +1,50 @@
+# The two commands: `make demo` and `make test`. Both create .venv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mlkit-installed
+SYNC_MSG := notebooks and library are out of sync: edit nbs/, run nbdev-export (and make readme), commit both
+TRACKED := find nbs mlkit README.md -type f ! -path '*/__pycache__/*' ! -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum
+
+.PHONY: demo test install sync-check clean-check export-check readme nbtest pytest bench lab
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/mlkit demo
+
+test: install sync-check nbtest pytest
+
+## nbdev-clean must change nothing; nbdev-export and the README must match the notebooks
+sync-check: clean-check export-check
+
+clean-check:
+	@before="$$($(TRACKED))"; $(BIN)/nbdev-clean; after="$$($(TRACKED))"; \
+	if [ "$$before" != "$$after" ]; then echo "notebooks are not clean: run nbdev-clean and commit the result" >&2; exit 1; fi
+
+export-check:
+	@before="$$($(TRACKED))"; $(BIN)/nbdev-export && $(MAKE) --no-print-directory readme >/dev/null; after="$$($(TRACKED))"; \
+	if [ "$$before" != "$$after" ]; then echo "$(SYNC_MSG)" >&2; diff <(echo "$$before") <(echo "$$after") | grep '^>' | sed 's/^> [0-9a-f]* */  changed: /' >&2; exit 1; fi
+
+## README.md is generated from nbs/index.ipynb (nbdev's own readme needs Quarto)
+readme:
+	$(BIN)/jupyter nbconvert --log-level=ERROR --to markdown --output-dir . --output README nbs/index.ipynb
+
+nbtest:
+	$(BIN)/nbdev-test
+
+pytest:
+	$(BIN)/pytest
+
+bench: install
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lab: install
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser

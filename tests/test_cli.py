@@ -1,0 +1,63 @@
+"The `mlkit` console script, run as a user runs it"
+import subprocess
+from conftest import BIN, ROOT
+
+
+def mlkit(*args, cwd, env=None):
+    import os
+    e = {k: v for k, v in os.environ.items() if not k.startswith('MLKIT_')}
+    e.update(env or {})
+    return subprocess.run([str(BIN/'mlkit'), *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command(tmp_path):
+    r = mlkit('--help', cwd=tmp_path)
+    assert r.returncode == 0
+    for name in ['retrain', 'runs', 'models', 'promote', 'rollback', 'serve', 'build', 'monitor', 'schedule', 'demo', 'new', 'config']:
+        assert f"\n  {name} " in r.stdout, name
+
+
+def test_config_shows_sources(project):
+    r = mlkit('config', cwd=project, env={'MLKIT_SERVE_PORT': '8123'})
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.split()[:2] == ['serve', 'port'])
+    assert line.split()[2] == '8123' and 'environment MLKIT_SERVE_PORT' in line
+    line = next(l for l in r.stdout.splitlines() if l.split()[:2] == ['data', 'target'])
+    assert 'settings.ini line' in line
+
+
+def test_config_found_from_a_subfolder(project):
+    (project/'sub').mkdir()
+    r = mlkit('config', '--json', cwd=project/'sub')
+    assert r.returncode == 0, r.stderr
+    assert str(project/'settings.ini') in r.stdout
+
+
+def test_malformed_settings_exit_1_with_message(project):
+    ini = project/'settings.ini'
+    cases = {
+        'tolerance = 0.01': ('tolerance = abc', "[gate] tolerance: expected a number, got 'abc'"),
+        'target = churned': ('', "[data]: missing key 'target'"),
+        '[schedule]': ('[schedul]', "missing section [schedule]"),
+        'port = 3000': ('prot = 3000', "unknown key (did you mean 'port'?)"),
+    }
+    original = ini.read_text()
+    for old, (new, message) in cases.items():
+        ini.write_text(original.replace(old, new))
+        r = mlkit('config', cwd=project)
+        assert r.returncode == 1, (old, r.stdout)
+        assert message in r.stderr, (message, r.stderr)
+        assert 'Traceback' not in r.stderr
+        assert str(ini) in r.stderr
+
+
+def test_missing_settings_file(tmp_path):
+    r = mlkit('config', cwd=tmp_path)
+    assert r.returncode == 1
+    assert 'no settings.ini in' in r.stderr
+
+
+def test_not_yet_available_command(project):
+    r = mlkit('build', cwd=project)
+    assert r.returncode == 2
+    assert 'not available' in r.stderr
