@@ -9,13 +9,15 @@ TRACKED := find nbs mlkit README.md -type f ! -path '*/__pycache__/*' ! -path '*
 
 .PHONY: demo test install sync-check clean-check export-check readme nbtest pytest bench lab
 
-install: $(STAMP)
-
-$(STAMP): pyproject.toml constraints.txt
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
-	@touch $(STAMP)
+## (re)install when .venv is missing or pyproject.toml / constraints.txt changed (by content)
+install:
+	@want="$$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-64)"; \
+	if [ -x $(BIN)/python ] && [ "$$(cat $(STAMP) 2>/dev/null)" = "$$want" ]; then exit 0; fi; \
+	set -e; test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	echo "installing mlkit and its dependencies into $(VENV)"; \
+	$(BIN)/python -m pip install --quiet --upgrade pip; \
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"; \
+	echo "$$want" > $(STAMP)
 
 demo: install
 	$(BIN)/mlkit demo
