@@ -68,29 +68,46 @@ def out_of_contract(report:ContractReport, threshold:float)->Check:
                  f"{share:.2%} of rows break the contract{' in ' + ', '.join(kinds) if kinds else ''}, limit {threshold:.2%}")
 
 # %% ../nbs/14_guards.ipynb #b06b2ff9
-def label_noise(df:pd.DataFrame, contract:dict, seed:int=0, confidence:float=0.9, folds:int=3, max_rows:int=20000)->float:
-    "Estimated share of rows whose label a cross-validated model confidently contradicts"
+def label_noise(df:pd.DataFrame, # labeled rows
+                contract:dict, # data contract
+                model=None, # a fitted pipeline to trust (the champion); None = cross-validate a quick model on `df`
+                seed:int=0, # random seed of the cross-validation
+                confidence:float=0.8, # how sure the model must be to count a disagreement
+                folds:int=3, # cross-validation folds
+                max_rows:int=20000, # larger data is sampled
+               )->float:
+    "Estimated share of rows whose label a trusted model confidently contradicts"
     df = df[df[contract['target']].notna()]
     if len(df) > max_rows: df = df.sample(max_rows, random_state=seed)
+    if len(df) == 0: return 0.0
     y = df[contract['target']]
     if contract['task'] == 'classification':
-        if y.value_counts().min() < folds: return 0.0
-        pipe = build_pipeline(contract, seed=seed).set_params(model=HistGradientBoostingClassifier(max_iter=60, random_state=seed))
-        proba = cross_val_predict(pipe, df, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method='predict_proba')
-        classes = np.sort(y.unique())
-        p_label = proba[np.arange(len(y)), np.searchsorted(classes, y.to_numpy())]
+        if model is not None:
+            proba, classes = model.predict_proba(df), np.asarray(model.classes_)
+        else:
+            if y.value_counts().min() < folds: return 0.0
+            pipe = build_pipeline(contract, seed=seed).set_params(model=HistGradientBoostingClassifier(max_iter=60, random_state=seed))
+            proba = cross_val_predict(pipe, df, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method='predict_proba')
+            classes = np.sort(y.unique())
+        pos = {c: i for i, c in enumerate(classes.tolist())}
+        idx = np.array([pos.get(v, -1) for v in y.tolist()])
+        p_label = np.where(idx >= 0, proba[np.arange(len(y)), np.clip(idx, 0, None)], 0.0)
         return float((p_label < 1 - confidence).mean())
-    pipe = build_pipeline(contract, seed=seed).set_params(model=HistGradientBoostingRegressor(max_iter=60, random_state=seed))
-    res = y.to_numpy(float) - cross_val_predict(pipe, df, y, cv=KFold(folds, shuffle=True, random_state=seed))
+    if model is not None: pred = model.predict(df)
+    else:
+        pipe = build_pipeline(contract, seed=seed).set_params(model=HistGradientBoostingRegressor(max_iter=60, random_state=seed))
+        pred = cross_val_predict(pipe, df, y, cv=KFold(folds, shuffle=True, random_state=seed))
+    res = y.to_numpy(float) - pred
     mad = 1.4826 * np.median(np.abs(res - np.median(res))) or 1e-12
     return float((np.abs(res - np.median(res)) / mad > 4).mean())
 
 def label_noise_check(noise:float, baseline:float|None, max_increase:float)->Check:
     "Label noise must not rise over the champion's baseline by more than `max_increase`"
-    if baseline is None: return Check('label_noise', noise, None, True, f"estimated label noise {noise:.2%} (baseline recorded; first model)")
+    if baseline is None: return Check('label_noise', noise, None, True, f"estimated label noise {noise:.2%} (no champion to compare with)")
     rise = noise - baseline
     return Check('label_noise', rise, max_increase, rise <= max_increase,
-                 f"estimated label noise {noise:.2%} vs {baseline:.2%} for the champion (+{rise:.2%}, limit +{max_increase:.2%})")
+                 f"the champion contradicts {noise:.2%} of the labels vs {baseline:.2%} on its golden holdout "
+                 f"({rise:+.2%}, limit +{max_increase:.2%})")
 
 # %% ../nbs/14_guards.ipynb #030c65ba
 def poisoning_checks(df:pd.DataFrame, # the new training data
@@ -98,16 +115,17 @@ def poisoning_checks(df:pd.DataFrame, # the new training data
                      report:ContractReport, # `check_contract(df, contract)`
                      gate, # `settings.gate`
                      reference:dict|None=None, # the champion's training profile
-                     noise_baseline:float|None=None, # the champion's label-noise estimate
+                     champion=None, # the champion's pipeline (None: first model)
+                     noise_baseline:float|None=None, # the champion's label noise on its golden holdout
                      seed:int=0,
                     )->tuple[list[Check], float]:
     "Run every poisoning and integrity check; return the checks and the label-noise estimate"
-    noise = label_noise(df, contract, seed)
+    noise = label_noise(df, contract, champion, seed)
     checks = [label_shift(df, contract, reference, gate.max_label_shift),
               feature_shift(df, contract, reference, gate.max_feature_psi),
               duplicate_rows(df, contract, gate.max_duplicate_rate),
               out_of_contract(report, gate.max_out_of_contract),
-              label_noise_check(noise, noise_baseline, gate.max_label_noise_increase)]
+              label_noise_check(noise, noise_baseline if champion is not None else None, gate.max_label_noise_increase)]
     return checks, noise
 
 # %% ../nbs/14_guards.ipynb #89ad8e85
@@ -117,6 +135,7 @@ def gate_decision(checks:list[Check], # poisoning and integrity checks
                   baseline:dict, # trivial baseline's metrics on the golden holdout
                   champion:dict|None, # champion's metrics on the golden holdout (None: no champion)
                   gate, # `settings.gate`
+                  comparison:dict|None=None, # `mlkit.train.compare(candidate, champion, holdout, ...)`
                  )->dict:
     "Decide `promote`, `challenger` or `reject`, with the reasons"
     reasons = [f"check {c.name} failed: {c.detail}" for c in checks if not c.passed]
@@ -127,9 +146,14 @@ def gate_decision(checks:list[Check], # poisoning and integrity checks
     if reasons: return dict(decision='reject', reasons=reasons)
     if champion is not None:
         delta = improvement(metric, candidate.get(metric), champion.get(metric))
-        if delta is not None and delta < -gate.tolerance:
+        seen = comparison is None or comparison.get('ci_high') is None or comparison['ci_high'] < 0
+        if delta is not None and delta < -gate.tolerance and seen:
+            ci = f", 95% interval of the difference [{comparison['ci_low']:+.4g}, {comparison['ci_high']:+.4g}]" if comparison and comparison.get('ci_low') is not None else ''
             return dict(decision='challenger', reasons=[f"{metric} on the golden holdout {_fmt(candidate.get(metric))} is worse than the "
-                        f"champion's {_fmt(champion.get(metric))} by {-delta:.4g} (tolerance {gate.tolerance:g})"])
+                        f"champion's {_fmt(champion.get(metric))} by {-delta:.4g} (tolerance {gate.tolerance:g}{ci})"])
+        if delta is not None and delta < -gate.tolerance:
+            return dict(decision='promote', reasons=[f"{metric} {_fmt(candidate.get(metric))} vs champion {_fmt(champion.get(metric))}: a drop within "
+                        f"the holdout's noise (95% interval [{comparison['ci_low']:+.4g}, {comparison['ci_high']:+.4g}]); all checks passed"])
         return dict(decision='promote', reasons=[f"{metric} {_fmt(candidate.get(metric))} vs champion {_fmt(champion.get(metric))}; all checks passed"])
     return dict(decision='promote', reasons=[f"first model: {metric} {_fmt(candidate.get(metric))}, baseline {_fmt(baseline.get(metric))}; all checks passed"])
 

@@ -23,7 +23,7 @@ from .errors import MlkitError, SettingsError
 # %% auto #0
 __all__ = ['MODELS', 'CLASSIFICATION_METRICS', 'REGRESSION_METRICS', 'HIGHER_IS_BETTER', 'TrainError', 'ContractCaster',
            'make_estimator', 'build_pipeline', 'split', 'fit', 'check_metric', 'score', 'evaluate', 'slice_metrics',
-           'fit_baseline', 'improvement']
+           'fit_baseline', 'improvement', 'compare']
 
 # %% ../nbs/20_train.ipynb #cc3f5d70
 class TrainError(MlkitError):
@@ -156,3 +156,26 @@ def improvement(metric:str, new:float|None, old:float|None)->float|None:
     "How much better `new` is than `old` on `metric` (positive: better)"
     if new is None or old is None: return None
     return (new - old) if HIGHER_IS_BETTER[metric] else (old - new)
+
+# %% ../nbs/20_train.ipynb #aa73817e
+def _outputs(pipe, df, contract):
+    if contract['task'] == 'regression': return pipe.predict(df), None, None
+    return pipe.predict(df), pipe.predict_proba(df), list(pipe.classes_)
+
+def compare(new:Pipeline, old:Pipeline, df:pd.DataFrame, contract:dict, metric:str, n_boot:int=300, seed:int=0)->dict:
+    "Paired bootstrap of `metric` (new minus old, oriented so positive is better) on the labeled rows of `df`"
+    df = df[df[contract['target']].notna()]
+    y, task = df[contract['target']].to_numpy(), contract['task']
+    a, b = _outputs(new, df, contract), _outputs(old, df, contract)
+    def m(out, idx):
+        pred, proba, classes = out
+        return score(y[idx], pred[idx], None if proba is None else proba[idx], classes, task).get(metric)
+    full = np.arange(len(y))
+    delta = improvement(metric, m(a, full), m(b, full))
+    rng, deltas = np.random.default_rng(seed), []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        d = improvement(metric, m(a, idx), m(b, idx))
+        if d is not None: deltas.append(d)
+    lo, hi = (np.quantile(deltas, [0.025, 0.975]).tolist() if deltas else (None, None))
+    return dict(metric=metric, delta=delta, ci_low=lo, ci_high=hi, n=int(len(y)), n_boot=len(deltas))
