@@ -179,6 +179,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.retrain.begin': ('retrain.html#begin', 'mlkit/retrain.py'),
                                'mlkit.retrain.check_poisoning': ('retrain.html#check_poisoning', 'mlkit/retrain.py'),
                                'mlkit.retrain.decide': ('retrain.html#decide', 'mlkit/retrain.py'),
+                               'mlkit.retrain.fail': ('retrain.html#fail', 'mlkit/retrain.py'),
                                'mlkit.retrain.finish': ('retrain.html#finish', 'mlkit/retrain.py'),
                                'mlkit.retrain.golden_holdout': ('retrain.html#golden_holdout', 'mlkit/retrain.py'),
                                'mlkit.retrain.load': ('retrain.html#load', 'mlkit/retrain.py'),

@@ -26,7 +26,7 @@ from .train import check_metric, compare, evaluate, fit, fit_baseline, slice_met
 
 # %% auto #0
 __all__ = ['RetrainRun', 'begin', 'load', 'validate', 'golden_holdout', 'check_poisoning', 'train', 'assess', 'versions',
-           'register', 'decide', 'finish', 'run_steps']
+           'register', 'decide', 'finish', 'run_steps', 'fail']
 
 # %% ../nbs/40_retrain.ipynb #5187884e
 def _utcnow(): return datetime.now(timezone.utc)
@@ -217,15 +217,27 @@ def finish(run:RetrainRun)->dict:
 # %% ../nbs/40_retrain.ipynb #a2d03a58
 def run_steps(settings_path:str='', data:str='', model:str='', seed:int=-1, hyperparameters:dict|None=None,
               run_id:str='', trigger:str='manual', force:bool=False)->dict:
-    "Run every retraining step in this process; return the summary"
+    "Run every retraining step in this process; return the summary (a failed run is recorded, then its error raised)"
     run = begin(settings_path, run_id, trigger, force, dict(data=data, model=model, seed=seed, hyperparameters=hyperparameters or {}))
-    df = load(run, data)
-    contract, report = validate(run, df)
-    run.summary['task'] = contract['task']
-    holdout, df = golden_holdout(run, df, contract)
-    checks, noise = check_poisoning(run, df, contract, report)
-    pipe, base, test = train(run, df, contract, model, seed, hyperparameters)
-    metrics = assess(run, pipe, base, test, holdout, contract)
-    tag = register(run, pipe, df, holdout, contract, metrics)
-    decide(run, tag, checks, metrics)
-    return finish(run)
+    try:
+        df = load(run, data)
+        contract, report = validate(run, df)
+        run.summary['task'] = contract['task']
+        holdout, df = golden_holdout(run, df, contract)
+        checks, noise = check_poisoning(run, df, contract, report)
+        pipe, base, test = train(run, df, contract, model, seed, hyperparameters)
+        metrics = assess(run, pipe, base, test, holdout, contract)
+        tag = register(run, pipe, df, holdout, contract, metrics)
+        decide(run, tag, checks, metrics)
+        return finish(run)
+    except Exception as e:
+        fail(run, e)
+        raise
+
+def fail(run:RetrainRun, error:BaseException)->dict:
+    "Record the run as failed with a one-line reason; write summary.json"
+    reason = f"{type(error).__name__}: {error}".strip().splitlines()[0][:500]
+    run.summary.update(status='failed', reason=reason, finished_at=_utcnow().isoformat())
+    write_json(run.run_dir/'summary.json', run.summary)
+    run.registry.finish_run(run.run_id, 'failed', reason)
+    return run.summary

@@ -167,3 +167,35 @@ def test_tampered_model_is_refused(tmp_path, no_limit):
     r = mlkit('retrain', '--force', ini=ini)
     assert r.returncode == 1 and 'sha256 mismatch' in r.stderr
     assert Registry.from_settings(s).champion()['tag'] == tag
+
+
+@pytest.mark.parametrize('env,metric', [
+    ({'MLKIT_DATA_SOURCE': 'builtin:housing', 'MLKIT_DATA_TARGET': 'price', 'MLKIT_DATA_TASK': 'regression',
+      'MLKIT_DATA_ID_COLUMN': '', 'MLKIT_DATA_TIMESTAMP_COLUMN': '', 'MLKIT_GATE_PRIMARY_METRIC': 'rmse',
+      'MLKIT_GATE_SLICES': 'neighborhood'}, 'rmse'),
+    ({'MLKIT_DATA_TARGET': 'contract', 'MLKIT_GATE_PRIMARY_METRIC': 'f1'}, 'f1'),
+])
+def test_regression_and_multiclass(tmp_path, monkeypatch, env, metric):
+    for k, v in env.items(): monkeypatch.setenv(k, v)
+    ini = scratch_project(ROOT/'settings.ini', tmp_path)
+    s = run_steps(str(ini))
+    assert s['decision'] == 'promote', s['reasons']
+    assert metric in s['metrics']['holdout'] and metric in s['metrics']['baseline']
+    if metric == 'rmse':
+        assert s['metrics']['holdout']['r2'] > 0.5
+        assert s['metrics']['slices']['neighborhood']
+    else:
+        pipe, _ = load_pipeline(s['model_tag'], load_settings(ini))
+        assert len(pipe.classes_) == 3
+
+
+def test_rerunning_a_run_id(ini, no_limit):
+    from mlkit.data import DataError
+    from mlkit.registry import RegistryError
+    with pytest.raises(DataError): run_steps(str(ini), data='missing.csv', run_id='nightly-1')
+    reg = Registry.from_settings(load_settings(ini))
+    assert reg.get_run('nightly-1')['status'] == 'failed' and 'data file not found' in reg.get_run('nightly-1')['reason']
+    s = run_steps(str(ini), run_id='nightly-1')  # a rerun of an unfinished id is safe
+    assert s['status'] == 'succeeded' and reg.get_run('nightly-1')['status'] == 'succeeded'
+    with pytest.raises(RegistryError, match="run 'nightly-1' already succeeded"): run_steps(str(ini), run_id='nightly-1')
+    assert reg.champion()['tag'] == s['model_tag']
