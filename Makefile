@@ -46,7 +46,8 @@ pytest:
 	$(BIN)/pytest
 
 bench: install
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null || { echo "bench/serve.py needs wrk (apt-get install wrk)"; exit 1; }
+	@for b in retrain serve predlog; do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 lab: install
 	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'command', 'format_table', 'config', 'print_retrain', 'retrain', 'runs', 'models', 'promote', 'rollback',
-           'serve', 'build', 'monitor', 'schedule', 'new', 'demo', 'main', 'cli']
+           'serve', 'build', 'logs', 'monitor', 'schedule', 'new', 'demo', 'main', 'cli']
 
 # %% ../nbs/90_cli.ipynb #f682bb20
 import argparse, json as _json, os, sys
@@ -136,13 +136,38 @@ def serve(port:int=None, # port to listen on (default: [serve] port)
           workers:int=None, # worker processes (default: [serve] workers)
           host:str=None, # address to listen on (default: [serve] host, 127.0.0.1)
          ):
-    "Start the BentoML service with the current champion"
-    _not_yet('serve')
+    "Start the BentoML service (bentoml serve) with the current champion, on 127.0.0.1 by default"
+    from mlkit.bento import serve_command, service_env
+    from mlkit.service import _from_registry
+    s = load_settings()
+    refs = _from_registry(s)
+    if not refs: raise MlkitError(f"no champion in the registry of {s.state_dir}: run `mlkit retrain` first")
+    cmd = serve_command(s, port, host)
+    print(f"mlkit serve: champion {refs['champion'][0]}, mode {s.serve.mode}, http://{cmd[4]}:{cmd[6]}", flush=True)
+    os.execve(cmd[0], cmd, service_env(s, MLKIT_SERVE_WORKERS=workers))
 
 @command
-def build():
+def build(no_export:bool=False, # keep the bento in the project's store only
+         ):
     "Build the bento (service, models, library, pinned dependencies) and export it into bentos/"
-    _not_yet('build')
+    from mlkit.bento import build as build_bento
+    s = load_settings()
+    res = build_bento(s, export=not no_export)
+    print(f"built {res['tag']} (champion {res['champion']}, challenger {res['challenger'] or 'none'})")
+    if res['archive']: print(f"archive: {res['archive']}")
+    print(f"serve it:  BENTOML_HOME={s.state_dir/'bentoml'} bentoml serve {res['tag']}")
+    print(f"container: bentoml containerize {res['tag']}   (needs a Docker engine)")
+
+@command(pos=['action'])
+def logs(action:Annotated[str, "what to do with the prediction log", {'choices': ['export']}],
+         since:str=None, # first day or time to export (ISO, e.g. 2026-11-01)
+         until:str=None, # end of the export window (exclusive; default: now)
+         format:Annotated[str, "file format", {'choices': ['parquet']}]='parquet',
+         out:str=None, # folder to write into (default: <state_dir>/exports)
+        ):
+    "The prediction log: `mlkit logs export` writes day-partitioned Parquet for warehouses"
+    from mlkit.predlog import export_cli
+    export_cli(since=since, until=until, format=format, out=out)
 
 @command
 def monitor(since:str=None, # start of the window (ISO date or time; default: the last run's end)

@@ -13,7 +13,7 @@ from .registry import jsonable
 
 # %% auto #0
 __all__ = ['ARTIFACT', 'TRUSTED_TYPES', 'STAGING', 'StoreError', 'ModelIntegrityError', 'store_home', 'use_store', 'safe_name',
-           'model_name', 'save_pipeline', 'model_info', 'load_pipeline', 'list_store', 'delete_model']
+           'model_name', 'save_pipeline', 'model_info', 'load_pipeline', 'load_stored', 'list_store', 'delete_model']
 
 # %% ../nbs/31_store.ipynb #7ea95d08
 class StoreError(MlkitError):
@@ -198,7 +198,13 @@ def load_pipeline(tag:str, # 'name:version', 'name:latest' or 'name'
                   expected_sha256:str|None=None, # the sha256 the registry recorded, checked too when given
                  )->tuple[Any, dict]:
     "Check and load a stored pipeline; returns it and its info (tag, metadata, creation_time, ...)"
-    info = _info(_get(_model_store(settings), tag))
+    return load_stored(_get(_model_store(settings), tag), expected_sha256)
+
+def load_stored(model, # a BentoML stored model (from a store, or a service's `BentoModel` resolved in a bento)
+                expected_sha256:str|None=None, # a sha256 recorded elsewhere, checked too when given
+               )->tuple[Any, dict]:
+    "Check and load the pipeline of a BentoML model object; returns it and its info"
+    info = _info(model)
     tag, meta, path = info['tag'], info['metadata'], Path(info['artifact'])
     if meta.get('format') != 'skops':
         raise ModelIntegrityError(f"model '{tag}' was not saved by mlkit in the skops format (format: {meta.get('format')!r}); refusing to load it")

@@ -58,6 +58,6 @@ def test_missing_settings_file(tmp_path):
 
 
 def test_not_yet_available_command(project):
-    r = mlkit('build', cwd=project)
+    r = mlkit('schedule', cwd=project)
     assert r.returncode == 2
     assert 'not available' in r.stderr

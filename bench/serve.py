@@ -1,0 +1,100 @@
+"""Serving throughput and latency, mlkit's service beside a plain FastAPI app and the in-process limit, in one run.
+
+Trains a champion in a scratch project, then drives single-record POST /predict requests with wrk on 127.0.0.1 at
+concurrency 1, 8 and 32 against:
+  mlkit:  `mlkit serve` (BentoML, adaptive batching, input validation, prediction log on), [serve] workers
+  plain:  bench/plain_app.py, FastAPI + uvicorn with the same number of workers, predict once per request, no log
+and measures the in-process predict limit of the same pipeline for batches of 1, 64 and 1,024 rows.
+Target at concurrency 32: mlkit >= 1.5x plain's throughput, p99 < 100 ms, no 503 (non-2xx answers are counted).
+Needs wrk (Debian package `wrk`; `make bench` installs it when missing).
+"""
+import json, os, re, shutil, signal, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT/'tests'))
+from service_util import Server  # noqa: E402
+from conftest import BIN, free_port  # noqa: E402
+
+DURATION = os.environ.get('BENCH_DURATION', '10s')
+LEVELS = [int(c) for c in os.environ.get('BENCH_CONCURRENCY', '1,8,32').split(',')]
+
+
+def wrk(url, body, conc, headers=None):
+    script = Path(tempfile.mkdtemp())/'post.lua'
+    hdr = ''.join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in {'Content-Type': 'application/json', **(headers or {})}.items())
+    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n{hdr}')
+    out = subprocess.run(['wrk', '-t', '1' if conc < 8 else '2', '-c', str(conc), '-d', DURATION, '--latency', '-s', str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    def ms(label):
+        m = re.search(rf'^\s*{label}\s+([\d.]+)(us|ms|s)\s*$', out, re.M)
+        return float(m.group(1)) * {'us': 0.001, 'ms': 1, 's': 1000}[m.group(2)] if m else float('nan')
+    rps = float(re.search(r'Requests/sec:\s+([\d.]+)', out).group(1))
+    non2xx = int(m.group(1)) if (m := re.search(r'Non-2xx or 3xx responses:\s+(\d+)', out)) else 0
+    errors = sum(int(x) for x in re.findall(r'(?:connect|read|write|timeout) (\d+)', out))
+    return dict(rps=rps, p50=ms('50%'), p99=ms('99%'), non2xx=non2xx, errors=errors)
+
+
+def in_process(pipe, df):
+    import numpy as np
+    res = {}
+    for n in (1, 64, 1024):
+        X = df.sample(n, replace=True, random_state=0)
+        reps, t = max(20, 20_000 // n), time.perf_counter()
+        for _ in range(reps): pipe.predict_proba(X)
+        res[n] = reps * n / (time.perf_counter() - t)
+    return res
+
+
+def main():
+    if not shutil.which('wrk'): sys.exit("bench/serve.py needs wrk: apt-get install -y wrk (make bench does it)")
+    os.environ['OMP_NUM_THREADS'] = '1'
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)
+    from mlkit.config import load_settings
+    from mlkit.datasets import churn_day
+    from mlkit.jobs import scratch_project
+    from mlkit.retrain import run_steps
+    from mlkit.service import _from_registry, frame_to_records
+    from mlkit.store import load_pipeline
+    ini = scratch_project(ROOT/'settings.ini')
+    run_steps(str(ini))
+    s = load_settings(ini, env={})
+    df = churn_day(0, n=2000).drop(columns=['churned', 'event_time'])
+    body = json.dumps({'records': frame_to_records(df.head(1))})
+    pipe, _ = load_pipeline(_from_registry(s)['champion'][0], s)
+    limits = in_process(pipe, df)
+    workers = s.serve.workers
+    results = {}
+    with Server(ini, workers=workers) as srv:
+        for c in LEVELS: results[('mlkit', c)] = wrk(f'{srv.url}/predict', body, c)
+    logged = None
+    from mlkit.predlog import PredictionLog
+    logged = PredictionLog.from_settings(s).count()
+    import httpx
+    probe = lambda srv: httpx.post(f'{srv.url}/predict', content=body, headers={'Content-Type': 'application/json'}, timeout=2).status_code == 200
+    plain = Server(ini, cmd=[str(BIN/'uvicorn'), 'plain_app:app', '--host', '127.0.0.1', '--port', '{port}', '--workers', str(workers),
+                             '--no-access-log', '--log-level', 'warning', '--app-dir', str(ROOT/'bench')], ready=probe).start()
+    try:
+        for c in LEVELS: results[('plain', c)] = wrk(f'{plain.url}/predict', body, c)
+    finally: plain.stop()
+
+    print(f"single-record POST /predict on 127.0.0.1, {workers} workers each, wrk {DURATION} per level, 2-core machine")
+    print(f"{'server':<8}{'conc':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'errors':>8}")
+    for c in LEVELS:
+        for name in ('plain', 'mlkit'):
+            r = results[(name, c)]
+            print(f"{name:<8}{c:>6}{r['rps']:>10.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['non2xx']:>9}{r['errors']:>8}")
+    print(f"in-process predict_proba limit: " + ', '.join(f"batch {n}: {v:,.0f} rows/s" for n, v in limits.items()))
+    total = sum(results[('mlkit', c)]['rps'] for c in LEVELS)
+    print(f"prediction log rows after the mlkit runs: {logged:,}")
+    c = max(LEVELS)
+    m, p = results[('mlkit', c)], results[('plain', c)]
+    ratio = m['rps'] / p['rps'] if p['rps'] else float('nan')
+    ok = ratio >= 1.5 and m['p99'] < 100 and m['non2xx'] == 0
+    print(f"at concurrency {c}: mlkit/plain throughput {ratio:.2f}x (target >= 1.5x), mlkit p99 {m['p99']:.1f} ms (target < 100), "
+          f"non-2xx {m['non2xx']} (target 0): {'met' if ok else 'NOT met'}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,118 @@
+"""mlkit's BentoML service. A thin class: the logic is `mlkit.service` (nbs/50_service.ipynb).
+
+Run it with `mlkit serve` (models from the project's registry and model store) or build it with `mlkit build`
+(models bundled in the bento). Endpoints: POST /predict, POST /feedback, GET /metadata, POST /admin/reload,
+BentoML's /livez, /readyz and /metrics.
+"""
+import json, os, threading, time
+from pathlib import Path
+
+from mlkit.config import load_settings
+
+SETTINGS = load_settings()
+SERVE = SETTINGS.serve
+for _var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+    os.environ[_var] = str(SERVE.threads)  # before numpy loads: more threads per worker collapse throughput
+
+import bentoml
+from starlette.responses import JSONResponse
+
+from mlkit import service as svc
+from mlkit.predlog import PredictionLog
+from mlkit.routing import ShadowRunner
+
+HERE = Path(__file__).resolve().parent
+REFS = json.loads((HERE/'serving.json').read_text()) if (HERE/'serving.json').is_file() else {}
+CURRENT = {}  # the worker's ServingState, read by the gatekeeper middleware
+ENTITY = SERVE.entity_field or SETTINGS.data.id_column
+
+PREDICTIONS = bentoml.metrics.Counter(name='mlkit_predictions', documentation='Predictions answered, per variant and model',
+                                      labelnames=['variant', 'model'])
+ERRORS = bentoml.metrics.Counter(name='mlkit_prediction_errors', documentation='Failed predictions, per variant', labelnames=['variant'])
+LATENCY = bentoml.metrics.Histogram(name='mlkit_model_latency_seconds', documentation='Model time per batch, per variant',
+                                    labelnames=['variant'], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+
+
+@bentoml.service(workers=SERVE.workers, logging={'access': {'enabled': SERVE.access_log}}, traffic={'timeout': 60})
+class MlkitService:
+    champion_model = bentoml.models.BentoModel(REFS['champion']) if REFS.get('champion') else None
+    challenger_model = bentoml.models.BentoModel(REFS['challenger']) if REFS.get('challenger') else None
+
+    def __init__(self):
+        from threadpoolctl import threadpool_limits
+        self._limits = threadpool_limits(SERVE.threads)
+        self._bundled = dict(champion=self.champion_model, challenger=self.challenger_model)
+        self.state = svc.ServingState.load(SETTINGS, bundled=self._bundled)
+        CURRENT['state'] = self.state
+        self.log = PredictionLog.from_settings(SETTINGS)
+        self.shadow = ShadowRunner()
+        self._stamp = SETTINGS.state_dir/'serving.stamp'
+        self._seen = self._stamp.stat().st_mtime if self._stamp.exists() else 0.0
+        self._reload_lock = threading.Lock()
+        threading.Thread(target=self._watch, daemon=True, name='mlkit-reload-watch').start()
+
+    # --- the API ---------------------------------------------------------------------------------------------
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SERVE.max_batch_size, max_latency_ms=SERVE.max_latency_ms)
+    def predict(self, records: list[dict]) -> list[dict]:
+        "Predict each record: prediction, class probabilities, model tag, variant, request id, warnings, ignored fields"
+        return svc.predict_records(self.state, records, self.log, ENTITY, self.shadow, self._observe)
+
+    @bentoml.api
+    def feedback(self, items: list[dict]) -> dict:
+        "Delayed labels: [{request_id, label}, ...], joined to the logged predictions"
+        problems = [dict(index=i, field=f, rule='required', message=f"item {i} needs '{f}'") for i, it in enumerate(items)
+                    for f in ('request_id', 'label') if not isinstance(it, dict) or it.get(f) is None]
+        problems += [dict(index=i, field='request_id', rule='type', message=f"item {i}: request_id must be a string")
+                     for i, it in enumerate(items) if isinstance(it, dict) and it.get('request_id') is not None and not isinstance(it['request_id'], str)]
+        if not items: problems.append(dict(index=None, field='items', rule='empty', message='no items'))
+        if problems: return JSONResponse(dict(error=f"{len(problems)} problems in the feedback", errors=problems[:100]), status_code=422)
+        res = self.log.feedback(items)
+        return dict(joined=len(res['joined']), unknown=res['unknown'])
+
+    @bentoml.api(route='/admin/reload')
+    def reload(self) -> dict:
+        "Reload the champion and challenger (after a promotion or rollback); in-flight requests finish on the old ones"
+        state = self._reload()
+        self._stamp.parent.mkdir(parents=True, exist_ok=True)
+        self._stamp.write_text(state.loaded_at)  # the other workers notice and reload too
+        self._seen = self._stamp.stat().st_mtime
+        return state.describe()
+
+    # --- plumbing ----------------------------------------------------------------------------------------------
+    def _reload(self):
+        with self._reload_lock:
+            state = svc.ServingState.load(SETTINGS, bundled=self._bundled)
+            self.state = CURRENT['state'] = state  # one reference swap: a request uses one state throughout
+            return state
+
+    def _watch(self):
+        while True:
+            time.sleep(0.5)
+            try:
+                m = self._stamp.stat().st_mtime if self._stamp.exists() else 0.0
+                if m > self._seen:
+                    self._seen = m
+                    self._reload()
+            except Exception as e:  # keep serving the models already loaded
+                print(f"mlkit: reload failed, still serving {self.state.champion.tag}: {e}", flush=True)
+
+    def _observe(self, variant, ok, ms, n):
+        state = self.state
+        tag = (state.challenger if variant == 'challenger' and state.challenger else state.champion).tag
+        if ok:
+            PREDICTIONS.labels(variant=variant, model=tag).inc(n)
+            LATENCY.labels(variant=variant).observe(ms / 1000)
+        else: ERRORS.labels(variant=variant).inc(n)
+        for _ in range(n): state.router.observe(variant, ok, ms)
+
+    def __is_ready__(self) -> bool:
+        return self.state is not None
+
+    @bentoml.on_shutdown
+    def close(self):
+        self.shadow.close(wait=True)
+        self.log.close()
+
+
+MlkitService.add_asgi_middleware(svc.Gatekeeper, get_state=lambda: CURRENT.get('state'), max_body_mb=SERVE.max_body_mb,
+                                 unknown_category=SERVE.unknown_category, max_records=SERVE.max_records)
