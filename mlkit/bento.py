@@ -78,12 +78,14 @@ def build(settings:Settings, # the project's settings
           export:bool=True, # also export the archive into bentos/
          )->dict:
     "Build the service's bento with its models; return its tag and archive path"
-    refs = write_serving_refs(settings)
-    (context_dir(settings)/'requirements.txt').write_text(pinned_requirements(settings.root/'constraints.txt'))
-    env = service_env(settings)
-    root = source_root(settings)
-    r = subprocess.run([bentoml_bin(), 'build', '-f', str(context_dir(settings)/'bentofile.yaml'), '--output', 'tag', str(root)],
-                       cwd=root, env=env, capture_output=True, text=True)
+    ctx, root, env = context_dir(settings), source_root(settings), service_env(settings)
+    try:  # serving.json and requirements.txt exist only while the bento is built: `mlkit serve` reads the registry
+        refs = write_serving_refs(settings)
+        (ctx/'requirements.txt').write_text(pinned_requirements(root/'constraints.txt'))
+        r = subprocess.run([bentoml_bin(), 'build', '-f', str(ctx/'bentofile.yaml'), '--output', 'tag', str(root)],
+                           cwd=root, env=env, capture_output=True, text=True)
+    finally:
+        for f in ('serving.json', 'requirements.txt'): (ctx/f).unlink(missing_ok=True)
     if r.returncode != 0: raise BuildError(f"bentoml build failed:\n{(r.stderr or r.stdout)[-3000:]}")
     m = re.search(r'__tag__:(\S+)', r.stdout) or re.search(r'(mlkit-service:[a-z0-9]+)', r.stdout)
     if not m: raise BuildError(f"bentoml build printed no tag:\n{r.stdout[-2000:]}")
