@@ -191,7 +191,7 @@ def new(path:str, # folder of the new project
 # %% ../nbs/90_cli.ipynb #a22d3b22
 @command
 def demo():
-    "Run the tour on the embedded default data set: retrain, then show the champion and its record"
+    "Run the tour on the embedded default data set: retrain, build the bento, serve it and send it a day of traffic"
     from mlkit.jobs import retrain as run_retrain
     from mlkit.errors import RetrainRefused
     s, reg = _settings_registry()
@@ -203,6 +203,9 @@ def demo():
     models()
     print("\n== runs")
     runs(limit=5)
+    print()
+    from mlkit.demo import serving_tour
+    serving_tour(s)
 
 # %% ../nbs/90_cli.ipynb #4a5bc720
 def _parser()->argparse.ArgumentParser:
