@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 from fastcore.basics import patch
 
 from .errors import MlkitError
-from .registry import UTCDateTime, _engine, _plain, jsonable
+from .registry import UTCDateTime, _engine, _plain, jsonable, write_transaction
 
 # %% auto #0
 __all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'EXIT_TIMEOUT_S', 'PredictionLogError', 'PredictionLog',
@@ -228,16 +228,8 @@ class PredictionLog:
         url = s.log_url or f"sqlite:///{Path(settings.state_dir)/'predictions.db'}"
         return cls(url, batch_size=s.log_batch_size, flush_ms=s.log_flush_ms)
 
-    @contextmanager
-    def _write(self)->Iterator[Connection]:
-        "A write transaction (`BEGIN IMMEDIATE` on SQLite), committed on success"
-        with self.engine.connect() as c:
-            c.execution_options(mlkit_write=True)
-            with c.begin(): yield c
-
-    @contextmanager
-    def _read(self)->Iterator[Connection]:
-        with self.engine.connect() as c: yield c
+    def _write(self): return write_transaction(self.engine)
+    def _read(self): return self.engine.connect()
 
     def _at_exit(self): self.close(timeout=EXIT_TIMEOUT_S)
     def __enter__(self): return self

@@ -24,7 +24,7 @@ from .errors import MlkitError
 # %% auto #0
 __all__ = ['RUN_KINDS', 'RUN_STATUSES', 'TRIGGERS', 'STAGES', 'PROMOTION_KINDS', 'registry_metadata', 'runs_table',
            'models_table', 'promotions_table', 'audit_table', 'holdouts_table', 'BUSY_TIMEOUT_MS', 'RUN_FIELDS',
-           'RegistryError', 'default_actor', 'UTCDateTime', 'jsonable', 'Registry']
+           'RegistryError', 'default_actor', 'UTCDateTime', 'jsonable', 'write_transaction', 'Registry']
 
 # %% ../nbs/30_registry.ipynb #573af763
 class RegistryError(MlkitError):
@@ -198,6 +198,13 @@ def _one_of(v, choices, what):
 
 def _model_name(tag:str)->str: return tag.split(':', 1)[0]
 
+@contextmanager
+def write_transaction(engine:Engine)->Iterator[Connection]:
+    "A write transaction on `engine` (`BEGIN IMMEDIATE` on SQLite), committed on success"
+    with engine.connect() as c:
+        c.execution_options(mlkit_write=True)
+        with c.begin(): yield c
+
 class Registry:
     "The registry database of runs, models, promotions, holdouts and the audit trail"
     def __init__(self, url:str, # SQLAlchemy URL, e.g. `sqlite:///state/registry.db` or `postgresql+psycopg://...`
@@ -212,16 +219,8 @@ class Registry:
         url = settings.project.registry_url or f"sqlite:///{Path(settings.state_dir)/'registry.db'}"
         return cls(url)
 
-    @contextmanager
-    def _write(self)->Iterator[Connection]:
-        "A write transaction (`BEGIN IMMEDIATE` on SQLite), committed on success"
-        with self.engine.connect() as c:
-            c.execution_options(mlkit_write=True)
-            with c.begin(): yield c
-
-    @contextmanager
-    def _read(self)->Iterator[Connection]:
-        with self.engine.connect() as c: yield c
+    def _write(self): return write_transaction(self.engine)
+    def _read(self): return self.engine.connect()
 
     def close(self):
         "Release the database connections"
