@@ -68,9 +68,19 @@ def main():
     results = {}
     with Server(ini, workers=workers) as srv:
         for c in LEVELS: results[('mlkit', c)] = wrk(f'{srv.url}/predict', body, c)
-    logged = None
     from mlkit.predlog import PredictionLog
     logged = PredictionLog.from_settings(s).count()
+    # shadow mode: a challenger predicts every request for the log only; the answer must not get slower
+    from mlkit.registry import Registry
+    chal = run_steps(str(ini), model='logistic_regression', force=True)['model_tag']
+    reg = Registry.from_settings(s)
+    if reg.champion()['tag'] == chal:
+        reg.rollback('bench', 'keep the first model as champion'); reg.set_stage(chal, 'challenger', actor='bench', reason='shadow')
+    shadow_levels = [c for c in LEVELS if c > 1] or LEVELS
+    with Server(ini, workers=workers) as srv:
+        for c in shadow_levels: results[('champion-again', c)] = wrk(f'{srv.url}/predict', body, c)
+    with Server(ini, workers=workers, env={'MLKIT_SERVE_MODE': 'shadow'}) as srv:
+        for c in shadow_levels: results[('shadow', c)] = wrk(f'{srv.url}/predict', body, c)
     import httpx
     probe = lambda srv: httpx.post(f'{srv.url}/predict', content=body, headers={'Content-Type': 'application/json'}, timeout=2).status_code == 200
     plain = Server(ini, cmd=[str(BIN/'uvicorn'), 'plain_app:app', '--host', '127.0.0.1', '--port', '{port}', '--workers', str(workers),
@@ -88,6 +98,10 @@ def main():
     print(f"in-process predict_proba limit: " + ', '.join(f"batch {n}: {v:,.0f} rows/s" for n, v in limits.items()))
     total = sum(results[('mlkit', c)]['rps'] for c in LEVELS)
     print(f"prediction log rows after the mlkit runs: {logged:,}")
+    for c in shadow_levels:
+        a, b = results[('champion-again', c)], results[('shadow', c)]
+        print(f"shadow mode at concurrency {c}: p50 {b['p50']:.1f} ms vs {a['p50']:.1f} ms without ({(b['p50'] / a['p50'] - 1):+.0%}), "
+              f"p99 {b['p99']:.1f} vs {a['p99']:.1f} ms, {b['rps']:.0f} vs {a['rps']:.0f} req/s")
     c = max(LEVELS)
     m, p = results[('mlkit', c)], results[('plain', c)]
     ratio = m['rps'] / p['rps'] if p['rps'] else float('nan')
