@@ -9,7 +9,7 @@ __all__ = ['COMMANDS', 'command', 'format_table', 'config', 'print_retrain', 're
 # %% ../nbs/90_cli.ipynb #f682bb20
 import argparse, json as _json, os, sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastcore.script import anno_parser
 import mlkit

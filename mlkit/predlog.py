@@ -6,7 +6,6 @@
 from __future__ import annotations
 import atexit, json, logging, math, operator, os, threading, time
 from collections import deque
-from contextlib import contextmanager
 from datetime import date, datetime, time as dtime, timedelta, timezone
 from io import BytesIO
 from pathlib import Path

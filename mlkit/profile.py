@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .contract import coerce_features, features, _as_category
+from .contract import coerce_features, _as_category
 
 # %% auto #0
 __all__ = ['OTHER', 'MISSING', 'column_profile', 'distribution', 'psi', 'profile', 'psi_by_column']
@@ -21,7 +21,6 @@ def column_profile(s:pd.Series, # one column, already cast by `coerce_features` 
                    top:int=20, # categorical values kept by name
                   )->dict:
     "Distribution summary of one column"
-    n = max(len(s), 1)
     if kind == 'numeric':
         nn = s.dropna().to_numpy(dtype=float)
         edges = np.unique(np.quantile(nn, np.linspace(0, 1, bins + 1)[1:-1])).tolist() if len(nn) else []

@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_retrain.ipynb #73fe9650
 from __future__ import annotations
-import json, os, platform, secrets, subprocess
+import os, platform, subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -15,13 +15,13 @@ import pandas as pd
 import mlkit
 from .config import Settings, load_settings
 from .contract import ContractReport, check_contract, infer_contract, features
-from .data import DataError, content_sha256, file_sha256, fingerprint, read_table
-from .errors import MlkitError, RetrainRefused
+from .data import DataError, file_sha256, fingerprint, read_table
+from .errors import RetrainRefused
 from .runs import new_run_id, write_json
 from .guards import Check, gate_decision, label_noise, poisoning_checks, rate_limit
 from .profile import profile
 from .registry import Registry, default_actor
-from .store import load_pipeline, model_info, model_name, save_pipeline, use_store
+from .store import load_pipeline, model_name, save_pipeline, use_store
 from .train import check_metric, compare, evaluate, fit, fit_baseline, slice_metrics, split
 
 # %% auto #0

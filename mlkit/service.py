@@ -4,10 +4,9 @@
 
 # %% ../nbs/50_service.ipynb #5d07ea86
 from __future__ import annotations
-import hmac, json, math, os, threading, time, uuid
+import hmac, json, math, os, time, uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

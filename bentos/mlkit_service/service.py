@@ -103,7 +103,8 @@ class MlkitService:
             PREDICTIONS.labels(variant=variant, model=tag).inc(n)
             LATENCY.labels(variant=variant).observe(ms / 1000)
         else: ERRORS.labels(variant=variant).inc(n)
-        for _ in range(n): state.router.observe(variant, ok, ms)
+        if state.router.canary is not None:  # only the canary learns from outcomes
+            for _ in range(n): state.router.observe(variant, ok, ms)
 
     def __is_ready__(self) -> bool:
         return self.state is not None
