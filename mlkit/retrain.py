@@ -89,6 +89,9 @@ def load(run:RetrainRun, data:str='')->pd.DataFrame:
     if not src.startswith('builtin:'): src = str(s.path(src))
     df = read_table(src, s.data.timestamp_column)
     run.summary['data'] = fingerprint(df, src)
+    ts = s.data.timestamp_column
+    if ts and ts in df and pd.api.types.is_datetime64_any_dtype(df[ts]) and df[ts].notna().any():  # the data's age, for monitoring
+        run.summary['data'].update(time_min=df[ts].min().isoformat(), time_max=df[ts].max().isoformat())
     return df
 
 def validate(run:RetrainRun, df:pd.DataFrame)->tuple[dict, ContractReport]:
