@@ -10,10 +10,33 @@ import pandas as pd
 from .contract import coerce_features, _as_category
 
 # %% auto #0
-__all__ = ['OTHER', 'MISSING', 'column_profile', 'distribution', 'psi', 'profile', 'psi_by_column']
+__all__ = ['OTHER', 'MISSING', 'SAMPLE_SIZE', 'column_profile', 'distribution', 'psi', 'profile', 'psi_by_column']
 
 # %% ../nbs/13_profile.ipynb #def9227a
 OTHER, MISSING = '__other__', '__missing__'
+SAMPLE_SIZE = 1000 # numeric profiles keep this many quantiles of the column, for two-sample tests
+
+def _label(v):
+    "The text `_as_category` writes for one value (NaN for a missing one)"
+    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)): return np.nan
+    if isinstance(v, (float, np.floating)) and float(v).is_integer(): v = int(v)
+    return str(v)
+
+_SAFE = {'string', 'empty', 'floating', 'integer', 'mixed-integer-float', 'decimal', 'boolean'} # object columns factorize can group as is
+
+def _labels(s:pd.Series)->tuple[np.ndarray, list]:
+    "Codes (-1: missing) and text labels of `s`, the labels `_as_category` writes, computed per distinct value (not per row)"
+    if isinstance(s.dtype, pd.CategoricalDtype): codes, uniq = s.cat.codes.to_numpy(), s.cat.categories
+    else:
+        if s.dtype == object and pd.api.types.infer_dtype(s, skipna=True) not in _SAFE: s = _as_category(s) # e.g. True beside 1
+        codes, uniq = pd.factorize(s, use_na_sentinel=True)
+    lcodes, labels = pd.factorize(pd.Series([_label(v) for v in uniq], dtype=object)) # 1 and 1.0 are both '1'
+    return np.where(codes >= 0, np.append(lcodes, -1)[codes], -1), list(labels)
+
+def _counts(s:pd.Series)->pd.Series:
+    "Rows of `s` per text label (missing values left out), in order of first appearance"
+    codes, labels = _labels(s)
+    return pd.Series(np.bincount(codes[codes >= 0], minlength=len(labels)), index=pd.Index(labels, dtype=object), dtype=np.int64)
 
 def column_profile(s:pd.Series, # one column, already cast by `coerce_features` (float or text)
                    kind:str, # numeric, boolean or categorical
@@ -24,10 +47,13 @@ def column_profile(s:pd.Series, # one column, already cast by `coerce_features` 
     if kind == 'numeric':
         nn = s.dropna().to_numpy(dtype=float)
         edges = np.unique(np.quantile(nn, np.linspace(0, 1, bins + 1)[1:-1])).tolist() if len(nn) else []
-        p = dict(kind='numeric', edges=edges, mean=float(nn.mean()) if len(nn) else None, std=float(nn.std()) if len(nn) else None)
+        k = min(SAMPLE_SIZE, len(nn)) # all the values when there are fewer
+        sample = np.quantile(nn, (np.arange(k) + 0.5) / k, method='inverted_cdf').tolist() if k else []
+        p = dict(kind='numeric', edges=edges, mean=float(nn.mean()) if len(nn) else None, std=float(nn.std()) if len(nn) else None,
+                 sample=sample)
     else:
-        vc = _as_category(s).value_counts(dropna=True)
-        p = dict(kind='categorical', values=[str(v) for v in vc.index[:top]])
+        vc = _counts(s).sort_values(ascending=False, kind='stable')
+        p = dict(kind='categorical', values=[str(v) for v in vc.index[vc.to_numpy() > 0][:top]])
     p['props'] = distribution(s, p).tolist()
     p['count'] = int(len(s))
     return p
@@ -40,9 +66,9 @@ def distribution(s:pd.Series, prof:dict)->np.ndarray:
         idx = np.searchsorted(np.asarray(prof['edges'], dtype=float), s.to_numpy(dtype=float)[~miss], side='right')
         counts = np.bincount(idx, minlength=len(prof['edges']) + 1).astype(float)
     else:
-        cats = _as_category(s)[~miss]
-        vc = cats.value_counts()
-        counts = np.array([vc.get(v, 0) for v in prof['values']] + [len(cats) - vc.reindex(prof['values']).fillna(0).sum()], dtype=float)
+        vc = _counts(s)
+        known = vc.reindex(prof['values'], fill_value=0).to_numpy(dtype=float)
+        counts = np.append(known, vc.sum() - known.sum())
     return np.append(counts, miss.sum()) / n
 
 # %% ../nbs/13_profile.ipynb #03444f35
