@@ -127,6 +127,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mlkit.drift._quantiles': ('drift.html#_quantiles', 'mlkit/drift.py'),
                              'mlkit.drift._renamed': ('drift.html#_renamed', 'mlkit/drift.py'),
                              'mlkit.drift._row': ('drift.html#_row', 'mlkit/drift.py'),
+                             'mlkit.drift._served': ('drift.html#_served', 'mlkit/drift.py'),
                              'mlkit.drift._stuck': ('drift.html#_stuck', 'mlkit/drift.py'),
                              'mlkit.drift._unit_change': ('drift.html#_unit_change', 'mlkit/drift.py'),
                              'mlkit.drift._window_start': ('drift.html#_window_start', 'mlkit/drift.py'),
