@@ -125,6 +125,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mlkit.drift._p': ('drift.html#_p', 'mlkit/drift.py'),
                              'mlkit.drift._psi_rows': ('drift.html#_psi_rows', 'mlkit/drift.py'),
                              'mlkit.drift._quantiles': ('drift.html#_quantiles', 'mlkit/drift.py'),
+                             'mlkit.drift._rare': ('drift.html#_rare', 'mlkit/drift.py'),
                              'mlkit.drift._renamed': ('drift.html#_renamed', 'mlkit/drift.py'),
                              'mlkit.drift._row': ('drift.html#_row', 'mlkit/drift.py'),
                              'mlkit.drift._served': ('drift.html#_served', 'mlkit/drift.py'),
