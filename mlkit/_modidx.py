@@ -285,6 +285,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.quality._r2': ('quality.html#_r2', 'mlkit/quality.py'),
                                'mlkit.quality._spellings': ('quality.html#_spellings', 'mlkit/quality.py'),
                                'mlkit.quality._utc': ('quality.html#_utc', 'mlkit/quality.py'),
+                               'mlkit.quality._valid_proba': ('quality.html#_valid_proba', 'mlkit/quality.py'),
                                'mlkit.quality._wilson': ('quality.html#_wilson', 'mlkit/quality.py'),
                                'mlkit.quality._z': ('quality.html#_z', 'mlkit/quality.py'),
                                'mlkit.quality.check_quality_metric': ('quality.html#check_quality_metric', 'mlkit/quality.py'),
