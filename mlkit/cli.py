@@ -170,11 +170,22 @@ def logs(action:Annotated[str, "what to do with the prediction log", {'choices':
     export_cli(since=since, until=until, format=format, out=out)
 
 @command
-def monitor(since:str=None, # start of the window (ISO date or time; default: the last run's end)
-            until:str=None, # end of the window (default: now)
+def monitor(since:str=None, # start of the window, ISO date or time (default: where the last monitoring run ended)
+            until:str=None, # end of the window, exclusive; a date alone includes that day (default: now)
+            Param:Annotated[list, "set a job parameter NAME to VALUE (repeatable; see nbs/jobs/monitor.ipynb)", {'nargs': 2, 'action': 'append', 'metavar': ('NAME', 'VALUE')}]=None,
+            reference_model:str=None, # tag of the model whose training data is the reference (default: the champion)
+            run_id:str=None, # id of the run (default: a new one)
+            trigger:Annotated[str, "what started the run", {'choices': ['manual', 'schedule']}]='manual',
            ):
-    "Run the monitoring job notebook: drift, skew, delayed-label quality, staleness, A/B verdict"
-    _not_yet('monitor')
+    "Run the monitoring job notebook: drift, skew, delayed-label quality, staleness, A/B verdict; exit 0 ok, 4 warn, 5 retrain"
+    from mlkit.jobs import monitor as run_monitor
+    p = dict(Param or [])
+    if reference_model: p['reference_model'] = reference_model
+    summary = run_monitor(since, until, p, run_id or '', trigger)
+    print(summary['line'])
+    if (r := summary.get('retrain') or {}).get('action') not in (None, 'none'): print(f"retraining: {r['action']}: {r['detail']}")
+    print(f"report: {summary['report']}")
+    return summary['exit_status']
 
 @command
 def schedule(target:Annotated[str, "what to write: crontab lines or an Airflow DAG", {'choices': ['cron', 'airflow']}]='cron',
@@ -191,7 +202,7 @@ def new(path:str, # folder of the new project
 # %% ../nbs/90_cli.ipynb #a22d3b22
 @command
 def demo():
-    "Run the tour on the embedded default data set: retrain, build the bento, serve it and send it a day of traffic"
+    "Run the tour on the embedded default data set: retrain, build and serve the bento, send traffic, monitor it"
     from mlkit.jobs import retrain as run_retrain
     from mlkit.errors import RetrainRefused
     s, reg = _settings_registry()
@@ -204,8 +215,9 @@ def demo():
     print("\n== runs")
     runs(limit=5)
     print()
-    from mlkit.demo import serving_tour
+    from mlkit.demo import monitoring_tour, serving_tour
     serving_tour(s)
+    monitoring_tour(s)
 
 # %% ../nbs/90_cli.ipynb #4a5bc720
 def _parser()->argparse.ArgumentParser:
@@ -231,14 +243,14 @@ def main(argv:list|None=None)->int:
     try: kw = vars(sub.parse_args(ns.args))
     except SystemExit as e: return e.code or 0
     kw.pop('pdb', None); kw.pop('xtra', None)
-    try: f(**kw)
+    try: rc = f(**kw)
     except MlkitError as e:
         print(f"mlkit {ns.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"mlkit {ns.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 def cli():
     "Console-script entry point"

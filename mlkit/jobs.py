@@ -21,7 +21,7 @@ from .errors import MlkitError, RetrainRefused
 from .runs import new_run_id, write_json
 
 # %% auto #0
-__all__ = ['JobFailed', 'job_notebook', 'job_parameters', 'cast_parameters', 'JobKernelManager', 'run_job', 'retrain',
+__all__ = ['JobFailed', 'job_notebook', 'job_parameters', 'cast_parameters', 'JobKernelManager', 'run_job', 'retrain', 'monitor',
            'scratch_project']
 
 # %% ../nbs/41_jobs.ipynb #037174ed
@@ -145,6 +145,31 @@ def retrain(data:str|None=None, # CSV or Parquet path or builtin:NAME (default: 
     if data: p['data'] = data
     p.update(force=force, trigger=trigger)
     return run_job('retrain', p, s, run_id or new_run_id('retrain'), progress=progress)
+
+def monitor(since:str|None=None, # start of the window, ISO date or time (default: where the last monitoring run ended)
+            until:str|None=None, # end of the window, exclusive (default: now)
+            params:dict|None=None, # other job parameters (reference_model, thresholds, auto_retrain...)
+            run_id:str='', # id of the run ('' = a new one)
+            trigger:str='manual', # manual or schedule
+            settings_path:str|None=None, # settings.ini (default: $MLKIT_SETTINGS or the nearest one)
+            progress:bool=True, # show papermill's progress bar
+           )->dict:
+    "Run the monitoring job notebook with papermill, then write its `report.html`; return its summary"
+    from mlkit.predlog import _window
+    from mlkit.report import notebook_to_html
+    _window(since, until) # a bad window fails before a run starts
+    s = load_settings(settings_path)
+    p = dict(params or {})
+    if since: p['since'] = since
+    if until: p['until'] = until
+    p['trigger'] = trigger
+    run_id = run_id or new_run_id('monitor')
+    nb = s.state_dir/'runs'/run_id/'monitor.ipynb'
+    try: summary = run_job('monitor', p, s, run_id, progress=progress)
+    finally: # a failed run gets its report too: the error is in it
+        if nb.is_file(): notebook_to_html(nb, nb.with_name('report.html'), title=f"mlkit monitoring run {run_id}")
+    summary['report'] = str(nb.with_name('report.html'))
+    return summary
 
 # %% ../nbs/41_jobs.ipynb #0be4ee19
 def scratch_project(settings_path:str|Path|None=None, # settings.ini to copy (default: the nearest one)
