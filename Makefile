@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mlkit-installed
 SYNC_MSG := notebooks and library are out of sync: edit nbs/, run nbdev-export (and make readme), commit both
 TRACKED := find nbs mlkit README.md -type f ! -path '*/__pycache__/*' ! -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum
 
-.PHONY: demo test install sync-check clean-check export-check readme nbtest pytest bench lab
+.PHONY: demo test install browser sync-check clean-check export-check readme nbtest pytest bench lab
 
 ## (re)install when .venv is missing or pyproject.toml / constraints.txt changed (by content)
 install:
@@ -42,12 +42,17 @@ readme:
 nbtest:
 	$(BIN)/nbdev-test
 
-pytest:
+## the report test opens report.html in headless Chromium (Debian's package)
+browser:
+	@command -v chromium >/dev/null || { echo "installing chromium (Debian package) for the report test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+pytest: browser
 	$(BIN)/pytest
 
 bench: install
 	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null || { echo "bench/serve.py needs wrk (apt-get install wrk)"; exit 1; }
-	@for b in retrain serve predlog; do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
+	@for b in retrain serve predlog monitor; do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 lab: install
 	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser
