@@ -158,3 +158,21 @@ def test_drift_triggers_one_guarded_retrain_and_a_second_is_refused(tmp_path):
     actions = [a['action'] for a in reg.audit_log(50)]
     assert actions.count('monitor.trigger') == 2 and actions.count('retrain.refused') == 1
     assert reg.champion()['tag'] == champion
+
+
+from test_predlog import pg, pg_url  # noqa: E402,F401  (a real PostgreSQL server on 127.0.0.1)
+
+
+def test_monitoring_reads_a_postgresql_log(tmp_path, pg_url):
+    ini = scratch_project(ROOT/'settings.ini', tmp_path)
+    ini.write_text(ini.read_text().replace('[serve]\n', f'[serve]\nlog_url = {pg_url}\n'))
+    retrain_steps(str(ini))
+    s = load_settings(ini, env={})
+    log_day(s, 0, datasets.churn_day(0, n=N, seed=1), label_share=0.3)
+    log_day(s, 1, datasets.churn_day(1, n=N, seed=2, drift={'new_category': {'region': 'central'}}), label_share=0.3)
+    assert PredictionLog.from_settings(s).engine.dialect.name == 'postgresql'
+    clean, drifted = monitor_day(s, 0), monitor_day(s, 1)
+    assert clean['rows'] == drifted['rows'] == N
+    assert clean['verdict'] == 'ok', clean['line']
+    assert drifted['verdict'] == 'retrain' and 'region' in drifted['line'] and 'central' in drifted['line'], drifted['line']
+    assert 0.25 < drifted['quality']['overall']['labeled_share'] < 0.35
