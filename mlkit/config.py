@@ -85,6 +85,7 @@ class ServeSettings:
     unknown_category: Literal['accept', 'reject'] = key('accept', "a category the model never saw: `accept` (encoded as unknown, reported) or `reject` (422)")
     threads: int = key(1, "BLAS/OpenMP threads per worker (more threads per worker collapse throughput on small machines)", _positive, "a positive integer")
     access_log: bool = key(False, "BentoML's per-request access log (costs throughput)")
+    tracing: bool = key(False, "OpenTelemetry spans for each request (BentoML's tracing: useful with an exporter in the BentoML configuration; costs throughput)")
     canary_step: float = key(0.1, "how much the canary share rises at each healthy step", _share, "a number between 0 and 1")
     canary_max_share: float = key(0.5, "the canary share never rises above this", _share, "a number between 0 and 1")
     canary_min_requests: int = key(200, "challenger requests between two canary decisions", _positive, "a positive integer")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_service.ipynb #5d07ea86
 from __future__ import annotations
-import hmac, json, math, os, time, uuid
+import asyncio, gc, hmac, json, math, os, time, uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -17,7 +17,8 @@ from .errors import MlkitError
 
 # %% auto #0
 __all__ = ['OPEN_PATHS', 'ServingError', 'check_record', 'validate_payload', 'record_notes', 'Variant', 'ServingState',
-           'predict_records', 'frame_to_records', 'bearer_ok', 'Gatekeeper']
+           'predict_records', 'frame_to_records', 'bearer_ok', 'Gatekeeper', 'settle_heap', 'RequestTimeout',
+           'patch_bentoml_timeout']
 
 # %% ../nbs/50_service.ipynb #3d1b4931
 class ServingError(MlkitError):
@@ -313,3 +314,39 @@ class Gatekeeper:
             sent = True
             return dict(type='http.request', body=body, more_body=False)
         return await self.app(scope, replay, send)
+
+# %% ../nbs/50_service.ipynb #c3d8f1a6
+def settle_heap()->int:
+    "Collect garbage once, then exempt every object alive from later collections (call after loading models); returns how many"
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+# %% ../nbs/50_service.ipynb #e5fab3c8
+class RequestTimeout:
+    "ASGI middleware: a 504 answer when the app has not started answering in `timeout` seconds; its timer ends with the answer"
+    def __init__(self, app, timeout:float): self.app, self.timeout = app, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] not in ('http', 'websocket'): return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
+        timer = loop.call_later(self.timeout, lambda: started.done() or started.set_exception(asyncio.TimeoutError()))
+        async def send_(msg):
+            if not started.done(): started.set_result(None)
+            await send(msg)
+        task = asyncio.ensure_future(self.app(scope, receive, send_))
+        task.add_done_callback(lambda _: started.done() or started.set_result(None))  # the app answered nothing (client gone)
+        try: await started
+        except asyncio.TimeoutError:
+            if task.cancel(): await _send_json(send, 504, dict(error=f"not able to answer in {self.timeout:g} seconds ([serve] traffic timeout)"))
+            return
+        finally: timer.cancel()
+        await task
+
+def patch_bentoml_timeout():
+    "Make BentoML's HTTP server use `RequestTimeout` for its `traffic.timeout` (call before the service's app is built)"
+    from bentoml._internal.server.http import traffic
+    traffic.TimeoutMiddleware = RequestTimeout
+

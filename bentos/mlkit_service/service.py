@@ -6,6 +6,7 @@ BentoML's /livez, /readyz and /metrics.
 """
 import json, os, threading, time
 from pathlib import Path
+from typing import Annotated
 
 from mlkit.config import load_settings
 
@@ -15,11 +16,14 @@ for _var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
     os.environ[_var] = str(SERVE.threads)  # before numpy loads: more threads per worker collapse throughput
 
 import bentoml
+from bentoml.validators import ContentType
 from starlette.responses import JSONResponse
 
 from mlkit import service as svc
 from mlkit.predlog import PredictionLog
 from mlkit.routing import ShadowRunner
+
+svc.patch_bentoml_timeout()  # BentoML's own keeps every request's timer alive for the whole timeout
 
 HERE = Path(__file__).resolve().parent
 REFS = json.loads((HERE/'serving.json').read_text()) if (HERE/'serving.json').is_file() else {}
@@ -33,7 +37,11 @@ LATENCY = bentoml.metrics.Histogram(name='mlkit_model_latency_seconds', document
                                     labelnames=['variant'], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 
 
-@bentoml.service(workers=SERVE.workers, logging={'access': {'enabled': SERVE.access_log}}, traffic={'timeout': 60})
+# without an exporter configured, BentoML's spans are made and dropped: about a tenth of a worker's time per request
+TRACING = {} if SERVE.tracing else {'tracing': {'excluded_urls': ['.*']}}
+
+
+@bentoml.service(workers=SERVE.workers, logging={'access': {'enabled': SERVE.access_log}}, traffic={'timeout': 60}, **TRACING)
 class MlkitService:
     champion_model = bentoml.models.BentoModel(REFS['champion']) if REFS.get('champion') else None
     challenger_model = bentoml.models.BentoModel(REFS['challenger']) if REFS.get('challenger') else None
@@ -50,10 +58,12 @@ class MlkitService:
         self._seen = self._stamp.stat().st_mtime if self._stamp.exists() else 0.0
         self._reload_lock = threading.Lock()
         threading.Thread(target=self._watch, daemon=True, name='mlkit-reload-watch').start()
+        svc.settle_heap()  # libraries and models loaded: full garbage collections now skip them
 
     # --- the API ---------------------------------------------------------------------------------------------
+    # the media type is given: BentoML would otherwise derive it from the output's JSON schema for every answer
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SERVE.max_batch_size, max_latency_ms=SERVE.max_latency_ms)
-    def predict(self, records: list[dict]) -> list[dict]:
+    def predict(self, records: list[dict]) -> Annotated[list[dict], ContentType('application/json')]:
         "Predict each record: prediction, class probabilities, model tag, variant, request id, warnings, ignored fields"
         return svc.predict_records(self.state, records, self.log, ENTITY, self.shadow, self._observe)
 
@@ -83,6 +93,7 @@ class MlkitService:
         with self._reload_lock:
             state = svc.ServingState.load(SETTINGS, bundled=self._bundled)
             self.state = CURRENT['state'] = state  # one reference swap: a request uses one state throughout
+            svc.settle_heap()  # the new models too
             return state
 
     def _watch(self):
