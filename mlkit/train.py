@@ -30,6 +30,29 @@ class TrainError(MlkitError):
     "The model cannot be built or fitted as asked"
 
 # %% ../nbs/20_train.ipynb #80088002
+def _plain_values(s:pd.Series, kind:str)->np.ndarray|pd.Series|None:
+    "`s` cast to `kind` as `coerce_features` would, when its values are already of that kind; None otherwise"
+    if kind != 'categorical' and isinstance(s.dtype, np.dtype) and s.dtype.kind in ('b' if kind == 'boolean' else 'fiu'):
+        return s.to_numpy(dtype=float)
+    v = s.to_numpy(dtype=object)
+    if kind == 'numeric':
+        if all(type(x) is float or type(x) is int or x is None for x in v): return v.astype(float)  # None: NaN; bools are not numbers
+    elif kind == 'boolean':
+        if all(x is True or x is False or x is None for x in v): return np.array([np.nan if x is None else float(x) for x in v])
+    elif kind == 'categorical':
+        if all(type(x) is str or x is None or (type(x) is float and x != x) for x in v):
+            return pd.Series([x if type(x) is str else np.nan for x in v], index=s.index, dtype=object)
+    return None
+
+def _cast_plain(X:pd.DataFrame, contract:dict)->pd.DataFrame|None:
+    "`coerce_features(X, contract)` without pandas' per-value machinery, for a table whose values already have the contract's types (JSON records, typed frames); None for any other"
+    cols, out = contract['columns'], {}
+    for c in features(contract):
+        if c not in X or cols[c]['kind'] == 'datetime': return None
+        if (v := _plain_values(X[c], cols[c]['kind'])) is None: return None
+        out[c] = v
+    return pd.DataFrame(out, index=X.index)
+
 class ContractCaster(TransformerMixin, BaseEstimator):
     "Select the contract's features and cast them to its types (first step of every mlkit pipeline)"
     def __init__(self, contract:dict|None=None): self.contract = contract
@@ -42,7 +65,8 @@ class ContractCaster(TransformerMixin, BaseEstimator):
 
     def transform(self, X):
         X = X if isinstance(X, pd.DataFrame) else pd.DataFrame(X, columns=self.feature_names_in_)
-        return coerce_features(X, self.contract)
+        out = _cast_plain(X, self.contract)
+        return out if out is not None else coerce_features(X, self.contract)
 
     def get_feature_names_out(self, input_features=None): return self.feature_names_in_
 
