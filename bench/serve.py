@@ -51,13 +51,19 @@ def main():
     os.environ['OMP_NUM_THREADS'] = '1'
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)
+    from mlkit.jobs import scratch_project
+    load_before = os.getloadavg()  # other work on the machine skews every figure: printed beside them
+    ini = scratch_project(ROOT/'settings.ini')
+    try: run(ini, load_before)
+    finally: shutil.rmtree(ini.parent, ignore_errors=True)
+
+
+def run(ini, load_before):
     from mlkit.config import load_settings
     from mlkit.datasets import churn_day
-    from mlkit.jobs import scratch_project
     from mlkit.retrain import run_steps
     from mlkit.service import _from_registry, frame_to_records
     from mlkit.store import load_pipeline
-    ini = scratch_project(ROOT/'settings.ini')
     run_steps(str(ini))
     s = load_settings(ini, env={})
     df = churn_day(0, n=2000).drop(columns=['churned', 'event_time'])
@@ -89,7 +95,8 @@ def main():
         for c in LEVELS: results[('plain', c)] = wrk(f'{plain.url}/predict', body, c)
     finally: plain.stop()
 
-    print(f"single-record POST /predict on 127.0.0.1, {workers} workers each, wrk {DURATION} per level, 2-core machine")
+    print(f"single-record POST /predict on 127.0.0.1, {workers} workers each, wrk {DURATION} per level, {os.cpu_count()}-core machine; "
+          f"load average {' '.join(f'{x:.2f}' for x in load_before)} before the run, {' '.join(f'{x:.2f}' for x in os.getloadavg())} after")
     print(f"{'server':<8}{'conc':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'errors':>8}")
     for c in LEVELS:
         for name in ('plain', 'mlkit'):
