@@ -318,6 +318,7 @@ class Gatekeeper:
 # %% ../nbs/50_service.ipynb #c3d8f1a6
 def settle_heap()->int:
     "Collect garbage once, then exempt every object alive from later collections (call after loading models); returns how many"
+    gc.unfreeze()  # called again after a reload: what the old models left is collected too
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

@@ -71,6 +71,13 @@ def post(server, body, raw=False, headers=H):
     return httpx.post(f'{server.url}/predict', content=data, headers={**headers, 'Content-Type': 'application/json'}, timeout=30)
 
 
+def test_requests_are_not_traced_by_default(server):
+    "[serve] tracing = false: BentoML makes no OpenTelemetry span (its request id header comes from the span)"
+    r = post(server, {'records': records(1)[1]})
+    assert r.status_code == 200 and r.headers['content-type'] == 'application/json'
+    assert 'x-bentoml-request-id' not in r.headers
+
+
 def test_bad_inputs_get_4xx_naming_the_problem(server):
     _, recs = records(3)
     good = recs[0]
