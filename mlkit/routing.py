@@ -4,7 +4,7 @@
 
 # %% ../nbs/52_routing.ipynb #a950c9e4
 from __future__ import annotations
-import hashlib, logging, math, queue, threading
+import hashlib, logging, math, queue, threading, time
 
 # %% auto #0
 __all__ = ['MODES', 'bucket', 'routing_key', 'Canary', 'Router', 'ShadowRunner']
@@ -181,43 +181,71 @@ class ShadowRunner:
     "Runs challenger work off the request path: a bounded queue and one worker thread; a full queue drops work"
     def __init__(self, maxsize:int=1000, # most pieces of work waiting; more are dropped (and counted)
                  name:str='mlkit-shadow', # the worker thread's name
+                 linger:float=0.0, # seconds a gathered call waits for more items before it runs
                 ):
         if maxsize < 1: raise ValueError(f"maxsize must be a positive integer, got {maxsize!r}")
-        self._q, self._lock, self._closed = queue.Queue(maxsize), threading.Lock(), False
+        self.maxsize, self.linger, self._q, self._lock, self._closed = maxsize, linger, queue.SimpleQueue(), threading.Lock(), False
+        self._waiting = 0 # pieces of work queued and not started
+        self._gathering = {} # key -> the items of a gathered call still in the queue
         self._counts = dict(submitted=0, done=0, failed=0, dropped=0)
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
+    def _accept(self)->bool:
+        "Count a submission; whether there is room for it (call with the lock held)"
+        self._counts['submitted'] += 1
+        if self._closed or self._waiting >= self.maxsize:
+            self._counts['dropped'] += 1
+            return False
+        self._waiting += 1
+        return True
+
     def submit(self, fn, *args, **kwargs)->bool:
         "Queue `fn(*args, **kwargs)` and return at once: True if queued, False if dropped (queue full or closed)"
         with self._lock:
-            self._counts['submitted'] += 1
-            if not self._closed:
-                try:
-                    self._q.put_nowait((fn, args, kwargs))
-                    return True
-                except queue.Full: pass
-            self._counts['dropped'] += 1
-            return False
+            if not self._accept(): return False
+            self._q.put((fn, args, kwargs, None))
+            return True
+
+    def gather(self, key, # work under one key goes to one call
+               fn, # called as fn(items) on the worker
+               item)->bool:
+        "Queue `item` for `fn(items)`, joining the call for `key` if it has not started yet; True if queued, False if dropped"
+        with self._lock:
+            if not self._accept(): return False
+            if (items := self._gathering.get(key)) is not None: items.append(item)
+            else:
+                self._gathering[key] = [item]
+                self._q.put((fn, (), {}, key))
+            return True
+
+    def _take(self, entry)->tuple:
+        "The call of a queued entry and how many pieces of work it does (call with the lock held)"
+        fn, args, kwargs, key = entry
+        if key is not None: args = (self._gathering.pop(key),)
+        n = len(args[0]) if key is not None else 1
+        self._waiting -= n
+        return fn, args, kwargs, n
 
     def _run(self):
         log = logging.getLogger(__name__)
         while True:
-            item = self._q.get()
-            if item is None: return
-            fn, args, kwargs = item
+            entry = self._q.get()
+            if entry is None: return
+            if entry[3] is not None and self.linger > 0 and not self._closed: time.sleep(self.linger)  # let more items join
+            with self._lock: fn, args, kwargs, n = self._take(entry)
             try:
                 fn(*args, **kwargs)
                 ok = True
             except Exception:
                 log.exception("shadow work failed")
                 ok = False
-            with self._lock: self._counts['done' if ok else 'failed'] += 1
+            with self._lock: self._counts['done' if ok else 'failed'] += n
 
     @property
     def pending(self)->int:
         "Pieces of work waiting in the queue"
-        return self._q.qsize()
+        return self._waiting
 
     def stats(self)->dict:
         "Counts: submitted, done, failed, dropped"
@@ -231,11 +259,12 @@ class ShadowRunner:
         if first:
             if not wait:
                 while True:
-                    try: self._q.get_nowait()
+                    try: entry = self._q.get_nowait()
                     except queue.Empty: break
-                    with self._lock: self._counts['dropped'] += 1
+                    with self._lock: self._counts['dropped'] += self._take(entry)[3]
             self._q.put(None)
         self._worker.join(timeout)
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
+

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio, gc, hmac, json, math, os, time, uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -224,9 +225,13 @@ def predict_records(state:ServingState, # what the worker serves
                               warnings=warn, ignored_fields=ignored)
         rows += _log_rows(variant, recs, [ids[k] for k in idx], [entities[k] for k in idx], preds, probas, ms)
     if log is not None: log.log(rows)
-    if state.challenger and state.router.shadow() and shadow is not None:
-        shadow.submit(_shadow_predict, state.challenger, records, ids, entities, log, observe)
+    if state.challenger and state.router.shadow() and shadow is not None:  # requests that wait together are predicted together
+        shadow.gather(state.challenger.tag, partial(_shadow_many, state.challenger, log, observe), (records, ids, entities))
     return answers
+
+def _shadow_many(variant, log, observe, items):
+    "The challenger's shadow predictions for several requests' (records, ids, entities), in one call"
+    _shadow_predict(variant, *([x for it in items for x in it[k]] for k in range(3)), log, observe)
 
 def _shadow_predict(variant, records, ids, entities, log, observe=None):
     t = time.perf_counter()
