@@ -357,6 +357,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlkit.registry.jsonable': ('registry.html#jsonable', 'mlkit/registry.py'),
                                 'mlkit.registry.write_transaction': ('registry.html#write_transaction', 'mlkit/registry.py')},
             'mlkit.report': { 'mlkit.report._bin_labels': ('report.html#_bin_labels', 'mlkit/report.py'),
+                              'mlkit.report.as_png': ('report.html#as_png', 'mlkit/report.py'),
                               'mlkit.report.notebook_to_html': ('report.html#notebook_to_html', 'mlkit/report.py'),
                               'mlkit.report.plot_ab': ('report.html#plot_ab', 'mlkit/report.py'),
                               'mlkit.report.plot_distributions': ('report.html#plot_distributions', 'mlkit/report.py'),
