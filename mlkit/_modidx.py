@@ -431,6 +431,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.service.Variant.contract': ('service.html#variant.contract', 'mlkit/service.py'),
                                'mlkit.service.Variant.describe': ('service.html#variant.describe', 'mlkit/service.py'),
                                'mlkit.service.Variant.task': ('service.html#variant.task', 'mlkit/service.py'),
+                               'mlkit.service._entity': ('service.html#_entity', 'mlkit/service.py'),
                                'mlkit.service._from_registry': ('service.html#_from_registry', 'mlkit/service.py'),
                                'mlkit.service._is_number': ('service.html#_is_number', 'mlkit/service.py'),
                                'mlkit.service._log_rows': ('service.html#_log_rows', 'mlkit/service.py'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_service.ipynb #5d07ea86
 from __future__ import annotations
-import asyncio, gc, hmac, json, math, os, time, uuid
+import asyncio, gc, hashlib, hmac, json, math, os, time, uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -38,6 +38,9 @@ def check_record(index:int, # position of the record in the request
     "Problems of one record (empty when it is valid)"
     if not isinstance(rec, dict): return [_problem(index, None, 'type', f"a record must be a JSON object, got {type(rec).__name__}")]
     out, cols = [], contract['columns']
+    rid = rec.get('request_id')
+    if rid is not None and (not isinstance(rid, str) or not 0 < len(rid) <= 200 or '\x00' in rid):
+        out.append(_problem(index, 'request_id', 'type', f"'request_id' must be a non-empty string of at most 200 characters, got {json.dumps(rid)[:50]}"))
     for f in features(contract):
         spec = cols[f]
         if f not in rec: out.append(_problem(index, f, 'required', f"missing required feature '{f}' ({spec['kind']})")); continue
@@ -57,6 +60,13 @@ def check_record(index:int, # position of the record in the request
             elif unknown_category == 'reject' and spec.get('categories') is not None and str(v) not in spec['categories']:
                 out.append(_problem(index, f, 'unknown_category', f"'{f}' = {str(v)[:50]!r} is not a known category ({', '.join(spec['categories'][:10])})"))
     return out
+
+def _entity(v)->str|None:
+    "The entity of a record as routing and the log use it: text without NUL, hashed past 200 characters; None when empty"
+    if v is None: return None
+    e = str(v).replace('\x00', '')
+    if not e: return None
+    return e if len(e) <= 200 else 'sha256:' + hashlib.sha256(e.encode()).hexdigest()
 
 # %% ../nbs/50_service.ipynb #725194bf
 def validate_payload(payload, # the parsed JSON body
@@ -201,7 +211,7 @@ def predict_records(state:ServingState, # what the worker serves
                    )->list[dict]:
     "Answer each record: prediction, probabilities, model tag, variant, request id, notes"
     ids = [str(r.get('request_id') or uuid.uuid4().hex) for r in records]
-    entities = [str(r[entity_field]) if entity_field and r.get(entity_field) is not None else None for r in records]
+    entities = [_entity(r.get(entity_field)) if entity_field else None for r in records]
     route = [state.router.route(e or i) if state.challenger else 'champion' for e, i in zip(entities, ids)]
     answers, rows = [None] * len(records), []
     groups = {v: [k for k, r in enumerate(route) if r == v] for v in ('challenger', 'champion')}

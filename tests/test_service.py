@@ -119,7 +119,8 @@ FEATURE_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12
 FEATURES = ['customer_id', 'tenure_months', 'monthly_charges', 'age', 'plan', 'region', 'contract', 'support_calls', 'autopay']
 RECORD = st.fixed_dictionaries({}, optional={f: FEATURE_VALUES for f in FEATURES + ['extra']})
 VALID = records(1)[1][0]
-ONE_FIELD_CHANGED = st.builds(lambda k, v: {'records': [dict(VALID, **{k: v})]}, st.sampled_from(FEATURES + ['extra']), FEATURE_VALUES)
+ONE_FIELD_CHANGED = st.builds(lambda k, v: {'records': [dict(VALID, **{k: v})]}, st.sampled_from(FEATURES + ['extra', 'request_id']),
+                              st.one_of(FEATURE_VALUES, st.text(min_size=190, max_size=260)))
 BODY = st.one_of(ONE_FIELD_CHANGED, st.fixed_dictionaries({'records': st.lists(RECORD, max_size=5)}), st.lists(RECORD, max_size=3),
                  st.fixed_dictionaries({'records': FEATURE_VALUES}), FEATURE_VALUES)
 
