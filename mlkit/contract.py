@@ -99,18 +99,41 @@ def _as_numeric(s:pd.Series)->tuple[pd.Series, pd.Series]:
     num = pd.to_numeric(s.where(~s.map(lambda v: isinstance(v, bool)), np.nan), errors='coerce')
     return num.astype(float), s.notna() & num.isna()
 
+def _missing(v)->bool: return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, (float, np.floating)) and np.isnan(v))
+
+def _label(v):
+    "The category text of one value: 1, 1.0 and '1' are all '1'; NaN when it is missing"
+    if _missing(v): return np.nan
+    if isinstance(v, (float, np.floating)) and float(v).is_integer(): v = int(v)
+    return str(v)
+
+def _truth(v)->float:
+    "1.0, 0.0, or NaN (missing, or not a truth value) for one value"
+    if _missing(v): return np.nan
+    t = str(v).strip().lower()
+    return 1.0 if t in _TRUE else 0.0 if t in _FALSE else np.nan
+
+# object columns whose equal values also get equal labels (not True beside 1, which compare equal)
+_GROUPABLE = {'string', 'empty', 'floating', 'integer', 'mixed-integer-float', 'decimal', 'boolean'}
+
+def _distinct(s:pd.Series)->tuple[np.ndarray, pd.Index]:
+    "Codes (-1: missing) and distinct values of `s`, so that a per-value rule runs once per distinct value, not per row"
+    if isinstance(s.dtype, pd.CategoricalDtype): return s.cat.codes.to_numpy(), s.cat.categories
+    if s.dtype == object and pd.api.types.infer_dtype(s, skipna=True) not in _GROUPABLE: s = s.map(_label)
+    return pd.factorize(s, use_na_sentinel=True)
+
+def _per_distinct(s:pd.Series, f)->np.ndarray:
+    "`f` of each value of `s` (`f(None)` for missing ones), computed once per distinct value"
+    codes, uniq = _distinct(s)
+    return np.array([f(v) for v in uniq] + [f(None)], dtype=object)[codes]
+
 def _as_boolean(s:pd.Series)->tuple[pd.Series, pd.Series]:
     if pd.api.types.is_bool_dtype(s): return s.astype(float), pd.Series(False, index=s.index)
-    txt = s.map(lambda v: str(v).strip().lower() if pd.notna(v) else None)
-    val = txt.map(lambda v: 1.0 if v in _TRUE else 0.0 if v in _FALSE else np.nan)
-    return val.astype(float), s.notna() & val.isna()
+    val = pd.Series(_per_distinct(s, _truth).astype(float), index=s.index)
+    return val, s.notna() & val.isna()
 
 def _as_category(s:pd.Series)->pd.Series:
-    def one(v):
-        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA: return np.nan
-        if isinstance(v, (float, np.floating)) and float(v).is_integer(): v = int(v)
-        return str(v)
-    return s.map(one).astype(object)
+    return pd.Series(_per_distinct(s, _label), index=s.index, dtype=object)
 
 def _examples(s:pd.Series, mask:pd.Series, n:int=3)->str:
     return ', '.join(repr(v) for v in s[mask].head(n).tolist())

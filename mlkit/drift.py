@@ -10,7 +10,7 @@ from scipy import stats
 
 from .errors import MlkitError
 from .contract import features, check_contract, _as_numeric, _as_boolean
-from .profile import column_profile, distribution, psi, _labels, _counts, _SAFE
+from .profile import column_profile, distribution, psi, _labels, _counts
 
 # %% auto #0
 __all__ = ['DRIFT_COLUMNS', 'UNIT_FACTORS', 'DriftError', 'NoDataError', 'feature_drift', 'score_drift', 'label_drift',
@@ -332,13 +332,7 @@ def invariants(served:pd.DataFrame, # served records (features as logged, or as 
                contract:dict, # the data contract
               )->list[dict]:
     "The data contract's rules (null rates, ranges, categories, types) broken by served records, from `check_contract`"
-    X = served.copy(deep=False)
-    for c in features(contract): # category dtype: `check_contract` then maps each distinct value once, not each row
-        if c in X and contract['columns'][c]['kind'] in ('categorical', 'boolean') and not isinstance(X[c].dtype, pd.CategoricalDtype):
-            if X[c].dtype == object and pd.api.types.infer_dtype(X[c], skipna=True) not in _SAFE: continue # True beside 1: as is
-            codes, uniq = pd.factorize(X[c], use_na_sentinel=True)
-            X[c] = pd.Categorical.from_codes(codes, pd.Index(uniq, dtype=object))
-    rep = check_contract(X, contract, require_target=False)
+    rep = check_contract(served, contract, require_target=False)
     n = max(len(served), 1)
     return [dict(feature=v.column, rule=v.rule, rows=v.rows if v.rule != 'missing_column' else len(served),
                  share=(v.rows if v.rule != 'missing_column' else len(served)) / n, detail=v.message)

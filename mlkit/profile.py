@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .contract import coerce_features, _as_category
+from .contract import coerce_features, _distinct, _label
 
 # %% auto #0
 __all__ = ['OTHER', 'MISSING', 'SAMPLE_SIZE', 'column_profile', 'distribution', 'psi', 'profile', 'psi_by_column']
@@ -16,20 +16,9 @@ __all__ = ['OTHER', 'MISSING', 'SAMPLE_SIZE', 'column_profile', 'distribution', 
 OTHER, MISSING = '__other__', '__missing__'
 SAMPLE_SIZE = 1000 # numeric profiles keep this many quantiles of the column, for two-sample tests
 
-def _label(v):
-    "The text `_as_category` writes for one value (NaN for a missing one)"
-    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)): return np.nan
-    if isinstance(v, (float, np.floating)) and float(v).is_integer(): v = int(v)
-    return str(v)
-
-_SAFE = {'string', 'empty', 'floating', 'integer', 'mixed-integer-float', 'decimal', 'boolean'} # object columns factorize can group as is
-
 def _labels(s:pd.Series)->tuple[np.ndarray, list]:
     "Codes (-1: missing) and text labels of `s`, the labels `_as_category` writes, computed per distinct value (not per row)"
-    if isinstance(s.dtype, pd.CategoricalDtype): codes, uniq = s.cat.codes.to_numpy(), s.cat.categories
-    else:
-        if s.dtype == object and pd.api.types.infer_dtype(s, skipna=True) not in _SAFE: s = _as_category(s) # e.g. True beside 1
-        codes, uniq = pd.factorize(s, use_na_sentinel=True)
+    codes, uniq = _distinct(s)
     lcodes, labels = pd.factorize(pd.Series([_label(v) for v in uniq], dtype=object)) # 1 and 1.0 are both '1'
     return np.where(codes >= 0, np.append(lcodes, -1)[codes], -1), list(labels)
 
