@@ -11,13 +11,12 @@ Targets: the job under 60 s, under 2 GiB.
 The log's rows are 100,000 distinct scored requests repeated 10 times with new ids and times (scoring a million rows
 would time the model, not the monitoring). BENCH_ROWS changes the 1,000,000.
 """
-import json, multiprocessing, os, sqlite3, subprocess, sys, tempfile, threading, time
+import json, os, sqlite3, subprocess, sys, tempfile, time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -32,6 +31,7 @@ from mlkit.predlog import PredictionLog
 from mlkit.retrain import run_steps
 from mlkit.service import Variant, _outputs
 from mlkit.store import load_pipeline
+from predlog import _in_child  # bench/predlog.py: run in a forked child, measure its peak memory
 
 
 def wide(df, seed):
@@ -86,24 +86,6 @@ def floor(url, features, kinds):
     return n, time.perf_counter() - t
 
 
-def in_child(f, *args):
-    "f(*args) in a forked child: (its result, its peak resident memory above its start in MB)"
-    def target(conn):
-        proc, stop = psutil.Process(), threading.Event()
-        base = peak = proc.memory_info().rss
-        def sample():
-            nonlocal peak
-            while not stop.wait(0.005): peak = max(peak, proc.memory_info().rss)
-        th = threading.Thread(target=sample, daemon=True); th.start()
-        res = f(*args)
-        stop.set(); th.join()
-        conn.send((res, (max(peak, proc.memory_info().rss) - base) / 2**20)); conn.close()
-    parent, child = multiprocessing.Pipe()
-    p = multiprocessing.get_context('fork').Process(target=target, args=(child,)); p.start()
-    res = parent.recv(); p.join()
-    return res
-
-
 def main():
     tmp = Path(tempfile.mkdtemp(prefix='mlkit-bench-monitor-'))
     ini = scratch_project(ROOT/'settings.ini', tmp)
@@ -120,7 +102,7 @@ def main():
     print(f"log: {N:,} predictions over 7 days, 30% labeled ({db.stat().st_size / 2**20:,.0f} MB of SQLite, filled in {time.perf_counter() - t:.1f} s)")
 
     kinds = {f: meta['contract']['columns'][f]['kind'] for f in meta['features']}
-    (n, took), mem = in_child(floor, f'sqlite:///{db}', meta['features'], kinds)
+    (n, took), mem = _in_child(floor, f'sqlite:///{db}', meta['features'], kinds)
     assert n == N, n
     t = time.perf_counter()
     res = subprocess.run([str(BIN/'mlkit'), 'monitor', '--since', '2026-02-01', '--until', '2026-02-08'], capture_output=True, text=True,

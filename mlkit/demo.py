@@ -126,19 +126,10 @@ def _second_model(settings:Settings)->str:
         reg.set_stage(tag, 'challenger', actor=default_actor(), reason='demo: the second model is the challenger of the A/B test')
     return tag
 
-class _environ:
-    "Set environment variables for a block (job kernels inherit them)"
-    def __init__(self, **kv): self.kv, self.old = kv, {}
-    def __enter__(self):
-        for k, v in self.kv.items(): self.old[k] = os.environ.get(k); os.environ[k] = v
-    def __exit__(self, *a):
-        for k, v in self.old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
-
 def monitoring_tour(settings:Settings)->dict:
     "Serve a drifted day, then an A/B day with a second model; monitor both; show the guarded retrain trigger"
     from datetime import datetime, timedelta, timezone
+    from unittest.mock import patch
     from mlkit.jobs import monitor
     from mlkit.registry import Registry
     now = lambda: datetime.now(timezone.utc)
@@ -167,8 +158,8 @@ def monitoring_tour(settings:Settings)->dict:
     today = [r for r in reg.list_runs(200, kind='retrain') if r['status'] in ('running', 'succeeded', 'failed') and r['started_at'] > t2 - timedelta(hours=24)]
     print(f"\n== the guarded retrain trigger: [monitor] auto_retrain on, and the rate limit set to allow one more retrain today "
           f"({len(today)} so far): the first drift verdict retrains, the second is refused", flush=True)
-    with _environ(MLKIT_MONITOR_AUTO_RETRAIN='true', MLKIT_SCHEDULE_MIN_RETRAIN_INTERVAL_HOURS='0',
-                  MLKIT_SCHEDULE_MAX_RETRAINS_PER_DAY=str(len(today) + 1)):
+    with patch.dict(os.environ, MLKIT_MONITOR_AUTO_RETRAIN='true', MLKIT_SCHEDULE_MIN_RETRAIN_INTERVAL_HOURS='0',
+                    MLKIT_SCHEDULE_MAX_RETRAINS_PER_DAY=str(len(today) + 1)):  # job kernels inherit the environment
         for i in (1, 2):
             s = monitor(t0.isoformat(), t1.isoformat(), settings_path=str(settings.file), progress=False)
             res[f'trigger {i}'] = s
