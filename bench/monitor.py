@@ -29,7 +29,7 @@ from mlkit.datasets import churn, churn_day
 from mlkit.jobs import scratch_project
 from mlkit.predlog import PredictionLog
 from mlkit.retrain import run_steps
-from mlkit.service import Variant, _outputs
+from mlkit.service import Variant, predict_outputs
 from mlkit.store import load_pipeline
 from predlog import _in_child  # bench/predlog.py: run in a forked child, measure its peak memory
 
@@ -51,7 +51,7 @@ def fill_log(s, tag, pipe, meta):
     PredictionLog.from_settings(s).engine.dispose()
     base = wide(churn_day(0, n=min(N, 100_000), seed=1), 1)
     feats = [c for c in meta['features']]
-    preds, probas = _outputs(Variant('champion', tag, pipe, meta), base[feats])
+    preds, probas = predict_outputs(Variant('champion', tag, pipe, meta), base[feats])
     ftext = base[feats].to_json(orient='records', lines=True).splitlines()
     ptext = [json.dumps(p, separators=(',', ':')) for p in probas]
     labels = base['churned'].to_numpy()

@@ -9,11 +9,11 @@ import pandas as pd
 from fastapi import FastAPI, Request
 
 from mlkit.config import load_settings
-from mlkit.service import _from_registry
+from mlkit.service import serving_refs
 from mlkit.store import load_pipeline
 
 SETTINGS = load_settings()
-PIPE, _ = load_pipeline(_from_registry(SETTINGS)['champion'][0], SETTINGS)
+PIPE, _ = load_pipeline(serving_refs(SETTINGS)['champion'][0], SETTINGS)
 CLASSES = [c.item() if hasattr(c, 'item') else c for c in PIPE.classes_]
 app = FastAPI()
 

@@ -62,13 +62,13 @@ def run(ini, load_before):
     from mlkit.config import load_settings
     from mlkit.datasets import churn_day
     from mlkit.retrain import run_steps
-    from mlkit.service import _from_registry, frame_to_records
+    from mlkit.service import serving_refs, frame_to_records
     from mlkit.store import load_pipeline
     run_steps(str(ini))
     s = load_settings(ini, env={})
     df = churn_day(0, n=2000).drop(columns=['churned', 'event_time'])
     body = json.dumps({'records': frame_to_records(df.head(1))})
-    pipe, _ = load_pipeline(_from_registry(s)['champion'][0], s)
+    pipe, _ = load_pipeline(serving_refs(s)['champion'][0], s)
     limits = in_process(pipe, df)
     workers = s.serve.workers
     results = {}

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .quality import QualityError, _prepare, _measure, _z, _num, _pct
-from .train import HIGHER_IS_BETTER
+from .quality import QualityError, prepare_labeled, measure_labeled, z_value, fmt_num, fmt_share
+from .metrics import HIGHER_IS_BETTER
 
 # %% auto #0
 __all__ = ['VARIANT_NAMES', 'ab_test']
@@ -31,7 +31,7 @@ def _compare(metric:str, ch:dict, cl:dict, ch_loss, cl_loss, alpha:float)->dict:
     "diff (positive = challenger better), ci_low, ci_high, p_value, test, se of the difference"
     sign = 1 if HIGHER_IS_BETTER[metric] else -1
     diff = sign * (cl['value'] - ch['value'])
-    z = _z(alpha)
+    z = z_value(alpha)
     if metric == 'accuracy':
         n1, n2 = ch['n'], cl['n']
         pool = (ch['value'] * n1 + cl['value'] * n2) / (n1 + n2)
@@ -58,7 +58,7 @@ def _n_needed(ch:dict, cl:dict, diff:float, alpha:float, power:float, min_effect
     s2 = ch['se']**2 * ch['n'] + cl['se']**2 * cl['n'] # per-row variance of the difference, both arms
     effect, settle = max(abs(diff), min_effect), max(abs(diff), min_effect - diff)
     if effect <= 0 or s2 <= 0: return None
-    z = _z(alpha)
+    z = z_value(alpha)
     need = max(s2 * (z + stats.norm.ppf(power))**2 / effect**2, s2 * z**2 / settle**2 if settle > 0 else 0)
     return max(math.ceil(need) - min(ch['n'], cl['n']), 1)
 
@@ -73,11 +73,11 @@ def ab_test(log:pd.DataFrame, # a frame from `PredictionLog.read`
     "Champion vs challenger on labeled non-shadow rows: metric per arm, diff with CI, p-value, n_needed, recommendation"
     if not (0 < alpha < 1 and 0 < power < 1) or min_effect < 0:
         raise QualityError(f"need 0 < alpha < 1, 0 < power < 1 and min_effect >= 0; got alpha={alpha}, power={power}, min_effect={min_effect}")
-    d = _prepare(log, contract, metric, 'ab_test')
+    d = prepare_labeled(log, contract, metric, 'ab_test')
     arms, losses = {}, {}
     for v in VARIANT_NAMES:
         idx = np.flatnonzero(d['variant'] == v)
-        r, losses[v] = _measure(d, metric, alpha, idx)
+        r, losses[v] = measure_labeled(d, metric, alpha, idx)
         arms[v] = dict(r, labeled=int(d['labeled'][idx].sum()), predictions=len(idx))
     ch, cl = arms['champion'], arms['challenger']
     res = dict(metric=metric, alpha=alpha, champion=ch, challenger=cl, diff=None, ci_low=None, ci_high=None, p_value=None,
@@ -96,7 +96,7 @@ def ab_test(log:pd.DataFrame, # a frame from `PredictionLog.read`
     if rec == 'keep_collecting':
         n = _n_needed(ch, cl, cmp['diff'], alpha, power, min_effect)
         res['n_needed'] = max(n or 0, min_labeled - min(ch['n'], cl['n'])) or None
-    head = (f"challenger {metric} {_num(cl['value'])} vs champion {_num(ch['value'])} on {cl['n']:,} and {ch['n']:,} labeled predictions: "
+    head = (f"challenger {metric} {fmt_num(cl['value'])} vs champion {fmt_num(ch['value'])} on {cl['n']:,} and {ch['n']:,} labeled predictions: "
             f"{cmp['diff']:+.4g} for the challenger ({lvl} {cmp['ci_low']:+.3g} to {cmp['ci_high']:+.3g}), p = {cmp['p_value']:.2g} ({cmp['test']})")
     why = dict(promote_challenger='significantly better: promote the challenger',
                keep_champion=('significantly worse: keep the champion' if cmp['p_value'] < alpha else

@@ -8,16 +8,13 @@ import json, os, re, subprocess, sys
 from pathlib import Path
 
 from .config import Settings
-from .errors import MlkitError
+from .errors import BuildError
 
 # %% auto #0
-__all__ = ['SERVICE', 'SERVING_PACKAGES', 'BuildError', 'source_root', 'context_dir', 'service_env', 'bentoml_bin',
-           'serve_command', 'pinned_requirements', 'write_serving_refs', 'build']
+__all__ = ['SERVICE', 'SERVING_PACKAGES', 'source_root', 'context_dir', 'service_env', 'bentoml_bin', 'serve_command',
+           'pinned_requirements', 'write_serving_refs', 'build']
 
 # %% ../nbs/53_bento.ipynb #089a3149
-class BuildError(MlkitError):
-    "The bento cannot be built"
-
 SERVICE = 'bentos.mlkit_service.service:MlkitService'
 # what the service imports, pinned from constraints.txt into the bento's requirements
 SERVING_PACKAGES = ['bentoml', 'scikit-learn', 'scipy', 'numpy', 'pandas', 'pyarrow', 'skops', 'joblib', 'threadpoolctl',
@@ -67,8 +64,8 @@ def pinned_requirements(constraints:Path, packages:list[str]=SERVING_PACKAGES)->
 # %% ../nbs/53_bento.ipynb #f9150768
 def write_serving_refs(settings:Settings)->dict:
     "Write `serving.json` (champion and challenger tags) into the build context; return it"
-    from mlkit.service import _from_registry
-    refs = _from_registry(settings)
+    from mlkit.service import serving_refs
+    refs = serving_refs(settings)
     if not refs: raise BuildError(f"no champion in the registry of {settings.state_dir}: run `mlkit retrain` first")
     out = dict(champion=refs['champion'][0], challenger=refs['challenger'][0] if refs.get('challenger') else None)
     (context_dir(settings)/'serving.json').write_text(json.dumps(out, indent=2) + '\n')

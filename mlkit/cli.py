@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastcore.script import anno_parser
 import mlkit
-from .errors import MlkitError, NotAvailableError
+from .errors import MlkitError, NotAvailableError, RetrainRefused
 from .config import load_settings, describe
 
 # %% ../nbs/90_cli.ipynb #a04e3149
@@ -52,7 +52,7 @@ def config(explain:bool=False, # also show what each key means
 
 # %% ../nbs/90_cli.ipynb #3cb573ef
 def _settings_registry():
-    from mlkit.registry import Registry
+    from mlkit.registry import Registry  # on use: `mlkit --help` must not load ML libraries
     s = load_settings()
     return s, Registry.from_settings(s)
 
@@ -79,7 +79,7 @@ def retrain(data:str=None, # CSV or Parquet path or builtin:NAME (default: [data
             trigger:Annotated[str, "what started the run", {'choices': ['manual', 'schedule', 'monitor']}]='manual',
            ):
     "Run the retraining job notebook with papermill: validate, check for poisoning, fit, evaluate, register, gate"
-    from mlkit.jobs import retrain as run_retrain
+    from mlkit.jobs import retrain as run_retrain  # on use: `mlkit --help` must not load ML libraries
     s = load_settings()
     summary = run_retrain(data, dict(Param or []), force, run_id or '', trigger)
     print_retrain(summary, s)
@@ -118,7 +118,7 @@ def promote(tag:str, # model tag to make champion
             reason:Annotated[str, "why (kept in the audit trail)", {'opt': True, 'required': True}],
            ):
     "Make a registered model the champion"
-    from mlkit.registry import default_actor
+    from mlkit.registry import default_actor  # on use: `mlkit --help` must not load ML libraries
     s, reg = _settings_registry()
     res = reg.promote(tag, default_actor(), reason)
     print(f"champion: {tag} (was {res.get('previous_tag') if isinstance(res, dict) else '?'})")
@@ -126,7 +126,7 @@ def promote(tag:str, # model tag to make champion
 @command
 def rollback(reason:Annotated[str, "why (kept in the audit trail)", {'opt': True, 'required': True}]):
     "Make the previous champion the champion again, in one step"
-    from mlkit.registry import default_actor
+    from mlkit.registry import default_actor  # on use: `mlkit --help` must not load ML libraries
     s, reg = _settings_registry()
     res = reg.rollback(default_actor(), reason)
     print(f"champion: {res.get('tag') if isinstance(res, dict) else res} (was {res.get('previous_tag') if isinstance(res, dict) else '?'})")
@@ -137,10 +137,10 @@ def serve(port:int=None, # port to listen on (default: [serve] port)
           host:str=None, # address to listen on (default: [serve] host, 127.0.0.1)
          ):
     "Start the BentoML service (bentoml serve) with the current champion, on 127.0.0.1 by default"
-    from mlkit.bento import serve_command, service_env
-    from mlkit.service import _from_registry
+    from mlkit.bento import serve_command, service_env  # on use: `mlkit --help` must not load ML libraries
+    from mlkit.service import serving_refs  # on use: `mlkit --help` must not load ML libraries
     s = load_settings()
-    refs = _from_registry(s)
+    refs = serving_refs(s)
     if not refs: raise MlkitError(f"no champion in the registry of {s.state_dir}: run `mlkit retrain` first")
     cmd = serve_command(s, port, host)
     print(f"mlkit serve: champion {refs['champion'][0]}, mode {s.serve.mode}, http://{cmd[4]}:{cmd[6]}", flush=True)
@@ -150,7 +150,7 @@ def serve(port:int=None, # port to listen on (default: [serve] port)
 def build(no_export:bool=False, # keep the bento in the project's store only
          ):
     "Build the bento (service, models, library, pinned dependencies) and export it into bentos/"
-    from mlkit.bento import build as build_bento
+    from mlkit.bento import build as build_bento  # on use: `mlkit --help` must not load ML libraries
     s = load_settings()
     res = build_bento(s, export=not no_export)
     print(f"built {res['tag']} (champion {res['champion']}, challenger {res['challenger'] or 'none'})")
@@ -166,7 +166,7 @@ def logs(action:Annotated[str, "what to do with the prediction log", {'choices':
          out:str=None, # folder to write into (default: <state_dir>/exports)
         ):
     "The prediction log: `mlkit logs export` writes day-partitioned Parquet for warehouses"
-    from mlkit.predlog import export_cli
+    from mlkit.predlog import export_cli  # on use: `mlkit --help` must not load ML libraries
     export_cli(since=since, until=until, format=format, out=out)
 
 @command
@@ -178,7 +178,7 @@ def monitor(since:str=None, # start of the window, ISO date or time (default: wh
             trigger:Annotated[str, "what started the run", {'choices': ['manual', 'schedule']}]='manual',
            ):
     "Run the monitoring job notebook: drift, skew, delayed-label quality, staleness, A/B verdict; exit 0 ok, 4 warn, 5 retrain"
-    from mlkit.jobs import monitor as run_monitor
+    from mlkit.jobs import monitor as run_monitor  # on use: `mlkit --help` must not load ML libraries
     p = dict(Param or [])
     if reference_model: p['reference_model'] = reference_model
     summary = run_monitor(since, until, p, run_id or '', trigger)
@@ -203,8 +203,7 @@ def new(path:str, # folder of the new project
 @command
 def demo():
     "Run the tour on the embedded default data set: retrain, build and serve the bento, send traffic, monitor it"
-    from mlkit.jobs import retrain as run_retrain
-    from mlkit.errors import RetrainRefused
+    from mlkit.jobs import retrain as run_retrain  # on use: `mlkit --help` must not load ML libraries
     s, reg = _settings_registry()
     print(f"mlkit {mlkit.__version__}: project {s.project.name!r}, data {s.data.source}, settings {s.file}\n")
     print("== retraining job (papermill runs nbs/jobs/retrain.ipynb)")
@@ -215,7 +214,7 @@ def demo():
     print("\n== runs")
     runs(limit=5)
     print()
-    from mlkit.demo import monitoring_tour, serving_tour
+    from mlkit.demo import monitoring_tour, serving_tour  # on use: `mlkit --help` must not load ML libraries
     serving_tour(s)
     monitoring_tour(s)
 

@@ -12,7 +12,9 @@ import pandas as pd
 from .data import DataError
 
 # %% auto #0
-__all__ = ['column_kind', 'infer_contract', 'features', 'Violation', 'ContractReport', 'check_contract', 'coerce_features']
+__all__ = ['column_kind', 'infer_contract', 'features', 'target_classes', 'Violation', 'ContractReport', 'as_numeric',
+           'category_label', 'distinct_values', 'as_boolean', 'as_category', 'label_codes', 'label_counts',
+           'check_contract', 'coerce_features']
 
 # %% ../nbs/12_contract.ipynb #878cab91
 def column_kind(s:pd.Series)->str:
@@ -58,6 +60,10 @@ def features(contract:dict)->list[str]:
     "Feature columns of a contract, in order"
     return [c for c, s in contract['columns'].items() if s['role'] == 'feature']
 
+def target_classes(contract:dict)->list[str]|None:
+    "Class labels of a classification contract's target, as text in the contract's order; None for regression"
+    return contract['columns'].get(contract['target'], {}).get('classes') if contract['task'] == 'classification' else None
+
 # %% ../nbs/12_contract.ipynb #fa32ebd5
 @dataclass
 class Violation:
@@ -92,7 +98,7 @@ class ContractReport:
 # %% ../nbs/12_contract.ipynb #e259a34d
 _TRUE, _FALSE = {'true', '1', '1.0', 'yes'}, {'false', '0', '0.0', 'no'}
 
-def _as_numeric(s:pd.Series)->tuple[pd.Series, pd.Series]:
+def as_numeric(s:pd.Series)->tuple[pd.Series, pd.Series]:
     "Numeric values of `s`, and a mask of non-null values that are not numbers"
     if pd.api.types.is_bool_dtype(s): return s.astype(float), pd.Series(False, index=s.index)
     if pd.api.types.is_numeric_dtype(s): return s.astype(float), pd.Series(False, index=s.index)
@@ -101,7 +107,7 @@ def _as_numeric(s:pd.Series)->tuple[pd.Series, pd.Series]:
 
 def _missing(v)->bool: return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, (float, np.floating)) and np.isnan(v))
 
-def _label(v):
+def category_label(v):
     "The category text of one value: 1, 1.0 and '1' are all '1'; NaN when it is missing"
     if _missing(v): return np.nan
     if isinstance(v, (float, np.floating)) and float(v).is_integer(): v = int(v)
@@ -116,27 +122,39 @@ def _truth(v)->float:
 # object columns whose equal values also get equal labels (not True beside 1, which compare equal)
 _GROUPABLE = {'string', 'empty', 'floating', 'integer', 'mixed-integer-float', 'decimal', 'boolean'}
 
-def _distinct(s:pd.Series)->tuple[np.ndarray, pd.Index]:
+def distinct_values(s:pd.Series)->tuple[np.ndarray, pd.Index]:
     "Codes (-1: missing) and distinct values of `s`, so that a per-value rule runs once per distinct value, not per row"
     if isinstance(s.dtype, pd.CategoricalDtype): return s.cat.codes.to_numpy(), s.cat.categories
-    if s.dtype == object and pd.api.types.infer_dtype(s, skipna=True) not in _GROUPABLE: s = s.map(_label)
+    if s.dtype == object and pd.api.types.infer_dtype(s, skipna=True) not in _GROUPABLE: s = s.map(category_label)
     return pd.factorize(s, use_na_sentinel=True)
 
 def _per_distinct(s:pd.Series, f)->np.ndarray:
     "`f` of each value of `s` (`f(None)` for missing ones), computed once per distinct value"
-    codes, uniq = _distinct(s)
+    codes, uniq = distinct_values(s)
     return np.array([f(v) for v in uniq] + [f(None)], dtype=object)[codes]
 
-def _as_boolean(s:pd.Series)->tuple[pd.Series, pd.Series]:
+def as_boolean(s:pd.Series)->tuple[pd.Series, pd.Series]:
     if pd.api.types.is_bool_dtype(s): return s.astype(float), pd.Series(False, index=s.index)
     val = pd.Series(_per_distinct(s, _truth).astype(float), index=s.index)
     return val, s.notna() & val.isna()
 
-def _as_category(s:pd.Series)->pd.Series:
-    return pd.Series(_per_distinct(s, _label), index=s.index, dtype=object)
+def as_category(s:pd.Series)->pd.Series:
+    return pd.Series(_per_distinct(s, category_label), index=s.index, dtype=object)
 
 def _examples(s:pd.Series, mask:pd.Series, n:int=3)->str:
     return ', '.join(repr(v) for v in s[mask].head(n).tolist())
+
+# %% ../nbs/12_contract.ipynb #54099805
+def label_codes(s:pd.Series)->tuple[np.ndarray, list]:
+    "Codes (-1: missing) and text labels of `s`, the labels `as_category` writes, computed per distinct value (not per row)"
+    codes, uniq = distinct_values(s)
+    lcodes, labels = pd.factorize(pd.Series([category_label(v) for v in uniq], dtype=object)) # 1 and 1.0 are both '1'
+    return np.where(codes >= 0, np.append(lcodes, -1)[codes], -1), list(labels)
+
+def label_counts(s:pd.Series)->pd.Series:
+    "Rows of `s` per text label (missing values left out), in order of first appearance"
+    codes, labels = label_codes(s)
+    return pd.Series(np.bincount(codes[codes >= 0], minlength=len(labels)), index=pd.Index(labels, dtype=object), dtype=np.int64)
 
 # %% ../nbs/12_contract.ipynb #54eff348
 def check_contract(df:pd.DataFrame, # data to check
@@ -159,7 +177,7 @@ def check_contract(df:pd.DataFrame, # data to check
         if spec['role'] == 'target' and s.isna().any():
             add(c, 'missing_label', 'soft', f"column '{c}': {int(s.isna().sum())} rows have no label", int(s.isna().sum()))
         if spec['kind'] in ('numeric', 'boolean'):
-            val, wrong = (_as_numeric if spec['kind'] == 'numeric' else _as_boolean)(s)
+            val, wrong = (as_numeric if spec['kind'] == 'numeric' else as_boolean)(s)
             if wrong.any():
                 add(c, 'wrong_type', 'hard', f"column '{c}': expected {spec['kind']} values, {int(wrong.sum())} are not "
                     f"(e.g. {_examples(s, wrong)})", int(wrong.sum()))
@@ -171,7 +189,7 @@ def check_contract(df:pd.DataFrame, # data to check
                         f"[{spec['low']:.6g}, {spec['high']:.6g}] (e.g. {_examples(s, out)})", int(out.sum()))
                     if spec['role'] == 'feature': bad |= out
         elif spec['kind'] == 'categorical' and spec.get('categories') is not None:
-            cats = _as_category(s)
+            cats = as_category(s)
             unknown = cats.notna() & ~cats.isin(spec['categories'])
             if unknown.any():
                 add(c, 'unknown_category', 'soft', f"column '{c}': {int(unknown.sum())} values are not among the known categories "
@@ -182,7 +200,7 @@ def check_contract(df:pd.DataFrame, # data to check
             wrong = s.notna() & parsed.isna()
             if wrong.any(): add(c, 'wrong_type', 'hard', f"column '{c}': {int(wrong.sum())} values are not timestamps (e.g. {_examples(s, wrong)})", int(wrong.sum()))
         if spec['role'] == 'target' and spec.get('classes') is not None:
-            cls = _as_category(s)
+            cls = as_category(s)
             unknown = cls.notna() & ~cls.isin(spec['classes'])
             if unknown.any(): add(c, 'unknown_class', 'soft', f"target '{c}': {int(unknown.sum())} labels are not among the known classes "
                                  f"{spec['classes']} (e.g. {_examples(s, unknown)})", int(unknown.sum()))
@@ -201,8 +219,8 @@ def coerce_features(df:pd.DataFrame, contract:dict)->pd.DataFrame:
     out = {}
     for c in features(contract):
         kind, s = contract['columns'][c]['kind'], df[c] if c in df else pd.Series(np.nan, index=df.index)
-        if kind == 'numeric': out[c] = _as_numeric(s)[0]
-        elif kind == 'boolean': out[c] = _as_boolean(s)[0]
+        if kind == 'numeric': out[c] = as_numeric(s)[0]
+        elif kind == 'boolean': out[c] = as_boolean(s)[0]
         elif kind == 'datetime': out[c] = pd.to_datetime(s, errors='coerce', utc=True).astype('int64', errors='ignore')
-        else: out[c] = _as_category(s)
+        else: out[c] = as_category(s)
     return pd.DataFrame(out, index=df.index)

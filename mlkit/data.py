@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import MlkitError
+from .datasets import load_builtin
+from .errors import DataError
 
 # %% auto #0
-__all__ = ['READERS', 'DataError', 'read_table', 'content_sha256', 'file_sha256', 'fingerprint']
-
-# %% ../nbs/11_data.ipynb #6082d951
-class DataError(MlkitError):
-    "The data cannot be read or breaks a hard rule of its contract"
+__all__ = ['READERS', 'read_table', 'content_sha256', 'file_sha256', 'fingerprint']
 
 # %% ../nbs/11_data.ipynb #4b789ca5
 READERS = {'.csv': pd.read_csv, '.parquet': pd.read_parquet, '.pq': pd.read_parquet}
@@ -26,7 +23,6 @@ def read_table(source:str|Path, # CSV or Parquet path, or `builtin:NAME`
               )->pd.DataFrame:
     "Read the table at `source`; raise `DataError` naming the file when it cannot"
     if isinstance(source, str) and source.startswith('builtin:'):
-        from mlkit.datasets import load_builtin
         df = load_builtin(source.split(':', 1)[1])
     else:
         path = Path(source)

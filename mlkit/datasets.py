@@ -8,15 +8,11 @@ import difflib
 import numpy as np
 import pandas as pd
 
-from .errors import MlkitError
+from .errors import DatasetError
 
 # %% auto #0
-__all__ = ['CHURN_START', 'CHURN_DAYS', 'CHURN_COLUMNS', 'DRIFTS', 'POISON_KINDS', 'BUILTINS', 'BUILTIN_INFO', 'DatasetError',
-           'churn', 'churn_day', 'housing', 'poison', 'delayed_labels', 'load_builtin']
-
-# %% ../nbs/10_datasets.ipynb #6e2410c8
-class DatasetError(MlkitError, ValueError):
-    "An unknown built-in data set, or a generator, drift or poison given arguments it cannot use"
+__all__ = ['CHURN_START', 'CHURN_DAYS', 'CHURN_COLUMNS', 'DRIFTS', 'POISON_KINDS', 'BUILTINS', 'BUILTIN_INFO', 'churn',
+           'churn_day', 'housing', 'poison', 'delayed_labels', 'load_builtin']
 
 # %% ../nbs/10_datasets.ipynb #ad6057fc
 CHURN_START = '2026-01-01' # first day of the default training window

@@ -9,6 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .config import Settings
+from .bento import build as build_bento
+from .datasets import churn_day, delayed_labels
+from .jobs import monitor, retrain
+from .predlog import PredictionLog
+from .registry import Registry, default_actor
+from .service import frame_to_records
 
 # %% auto #0
 __all__ = ['BAD_REQUESTS', 'http', 'start_service', 'stop_service', 'send_day', 'serving_tour', 'monitoring_tour']
@@ -62,8 +68,6 @@ BAD_REQUESTS = [
 
 def send_day(url:str, day:int=0, n:int=400, label_share:float=0.3, workers:int=8, drift:dict|None=None)->dict:
     "Send a day of the embedded data set's traffic, some bad requests, and delayed labels; return a summary"
-    from mlkit.datasets import churn_day, delayed_labels
-    from mlkit.service import frame_to_records
     df = churn_day(day, n=n, drift=drift)
     recs = frame_to_records(df.drop(columns=['churned', 'event_time']))
     chunks, i = [], 0
@@ -90,10 +94,8 @@ def send_day(url:str, day:int=0, n:int=400, label_share:float=0.3, workers:int=8
 # %% ../nbs/95_demo.ipynb #b65dbbbc
 def serving_tour(settings:Settings, build:bool=True)->dict:
     "Build the bento, serve the champion, send a day of traffic with bad requests and labels, stop; print as it goes"
-    from mlkit.predlog import PredictionLog
     res = {}
     if build:
-        from mlkit.bento import build as build_bento
         print("== bentoml build (the bento carries the models, the library and pinned dependencies)", flush=True)
         b = build_bento(settings)
         print(f"built {b['tag']}; archive {b['archive']}")
@@ -116,8 +118,6 @@ def serving_tour(settings:Settings, build:bool=True)->dict:
 # %% ../nbs/95_demo.ipynb #c034306b
 def _second_model(settings:Settings)->str:
     "Train a second model (a random forest) and make it the challenger; the champion stays"
-    from mlkit.jobs import retrain
-    from mlkit.registry import Registry, default_actor
     reg = Registry.from_settings(settings)
     champ = reg.champion()['tag']
     tag = retrain(params={'model': 'random_forest'}, force=True, settings_path=str(settings.file), progress=False)['model_tag']
@@ -130,8 +130,6 @@ def monitoring_tour(settings:Settings)->dict:
     "Serve a drifted day, then an A/B day with a second model; monitor both; show the guarded retrain trigger"
     from datetime import datetime, timedelta, timezone
     from unittest.mock import patch
-    from mlkit.jobs import monitor
-    from mlkit.registry import Registry
     now = lambda: datetime.now(timezone.utc)
     res, t0 = {}, now()
     print("\n== a drifted day: monthly_charges 25 higher than in training", flush=True)

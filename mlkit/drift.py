@@ -8,21 +8,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .errors import MlkitError
-from .contract import features, check_contract, _as_numeric, _as_boolean
-from .profile import column_profile, distribution, psi, _labels, _counts
+from .errors import DriftError, NoDataError
+from .contract import features, check_contract, as_boolean, as_numeric, label_codes, label_counts
+from .profile import column_profile, distribution, psi
 
 # %% auto #0
-__all__ = ['DRIFT_COLUMNS', 'UNIT_FACTORS', 'DriftError', 'NoDataError', 'feature_drift', 'score_drift', 'label_drift',
-           'drift_over_time', 'serving_skew', 'invariants']
+__all__ = ['DRIFT_COLUMNS', 'UNIT_FACTORS', 'feature_drift', 'score_drift', 'label_drift', 'drift_over_time', 'serving_skew',
+           'invariants']
 
 # %% ../nbs/60_drift.ipynb #291d5aed
-class DriftError(MlkitError, ValueError):
-    "Served data, scores or labels that cannot be compared with the reference (a missing column, no reference)"
-
-class NoDataError(DriftError):
-    "Nothing to compare: the served data, scores or labels have no rows"
-
 def _check(served:pd.DataFrame, reference:dict, contract:dict, empty_ok:bool=False)->list[str]:
     "The contract's features, after checking that `served` and `reference` carry them all"
     feats = features(contract)
@@ -65,13 +59,13 @@ def _p(p:float)->str: return 'p<1e-9' if p < 1e-9 else f"p={p:.2g}"
 def _floats(s:pd.Series)->np.ndarray:
     "A numeric column as a float array (NaN for missing), without a per-row loop when it is numeric already"
     if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s): return s.to_numpy(dtype=float, na_value=np.nan)
-    return _as_numeric(s)[0].to_numpy(dtype=float)
+    return as_numeric(s)[0].to_numpy(dtype=float)
 
 def _served(served:pd.DataFrame, c:str, contract:dict)->pd.Series:
     "Served column `c`, booleans as 0/1 floats as `coerce_features` writes them (raw True/False/'yes' accepted too)"
     s = served[c]
     if contract['columns'][c]['kind'] == 'boolean' and (pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s)):
-        return _as_boolean(s)[0]
+        return as_boolean(s)[0]
     return s
 
 def _row(feature, kind, n, v, test, stat, p, th, detail)->dict:
@@ -143,7 +137,7 @@ def feature_drift(served:pd.DataFrame, # served features, one column per contrac
     for c in feats:
         prof, s = reference[c], _served(served, c, contract)
         if prof['kind'] == 'numeric': rows.append(_numeric_row(c, _floats(s), prof, th))
-        else: rows.append(_categorical_row(c, _counts(s), len(s), prof, contract['columns'][c], th))
+        else: rows.append(_categorical_row(c, label_counts(s), len(s), prof, contract['columns'][c], th))
     out = pd.DataFrame(rows, columns=DRIFT_COLUMNS)
     return out.iloc[np.lexsort((-out.psi.to_numpy(), out.level.map(_ORDER).to_numpy()))].reset_index(drop=True)
 
@@ -182,7 +176,7 @@ def label_drift(labels:pd.Series, # labels that arrived as feedback (missing one
     labeled = props[:-1].sum() or 1.0 # compare labeled rows only: the training target's missing share plays no part
     prof.update(props=np.r_[props[:-1] / labeled, 0.0].tolist(), count=round(prof['count'] * labeled))
     if prof['kind'] == 'numeric': return _numeric_row(t, _floats(y), prof, th)
-    vc = _counts(y)
+    vc = label_counts(y)
     row = _categorical_row(t, vc, len(y), prof, contract['columns'].get(t, {}), th)
     shares = lambda p: ', '.join(f"{k} {s:.1%}" for k, s in zip(prof['values'], p))
     after = vc.reindex(prof['values'], fill_value=0).to_numpy(float) / len(y)
@@ -199,7 +193,7 @@ def _bin_index(s:pd.Series, prof:dict)->np.ndarray:
     if prof['kind'] == 'numeric':
         x = _floats(s)
         return np.where(np.isnan(x), len(prof['edges']) + 1, np.searchsorted(np.asarray(prof['edges'], float), x, side='right'))
-    codes, labels = _labels(s)
+    codes, labels = label_codes(s)
     pos = {v: i for i, v in enumerate(prof['values'])}
     lookup = np.array([pos.get(l, len(pos)) for l in labels] + [len(pos) + 1], dtype=np.int64) # unknown: other; code -1: missing
     return lookup[codes]
@@ -319,7 +313,7 @@ def serving_skew(served:pd.DataFrame, # served features, as for `feature_drift`
             else: before = float(props[np.searchsorted(np.asarray(prof['edges'], float), v, side='right')]) # its bin's share: at most
             if f := _stuck(c, float(v), k, n, before): out.append(f)
         else:
-            vc = _counts(s)
+            vc = label_counts(s)
             if not vc.sum(): continue
             v = vc.idxmax()
             before = float(props[prof['values'].index(v)]) if v in prof['values'] else 0.0

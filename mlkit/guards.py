@@ -14,7 +14,8 @@ from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 
 from .contract import ContractReport, features
 from .profile import distribution, psi_by_column
-from .train import build_pipeline, improvement
+from .metrics import improvement
+from .train import build_pipeline
 
 # %% auto #0
 __all__ = ['Check', 'label_shift', 'feature_shift', 'duplicate_rows', 'out_of_contract', 'label_noise', 'label_noise_check',

@@ -17,17 +17,15 @@ from traitlets import CaselessStrEnum
 
 import mlkit
 from .config import Settings, load_settings
-from .errors import MlkitError, RetrainRefused
-from .runs import new_run_id, write_json
+from .errors import MlkitError, JobFailed, RetrainRefused
+from .jsonsafe import write_json
+from .runs import new_run_id
 
 # %% auto #0
-__all__ = ['JobFailed', 'job_notebook', 'job_parameters', 'cast_parameters', 'JobKernelManager', 'run_job', 'retrain', 'monitor',
+__all__ = ['job_notebook', 'job_parameters', 'cast_parameters', 'JobKernelManager', 'run_job', 'retrain', 'monitor',
            'scratch_project']
 
 # %% ../nbs/41_jobs.ipynb #037174ed
-class JobFailed(MlkitError):
-    "A job notebook raised an error, timed out or its kernel died"
-
 def job_notebook(name:str, settings:Settings|None=None)->Path:
     "Path of the job notebook `name` (the project's `nbs/jobs/`, else the one next to the mlkit sources)"
     places = ([settings.root/'nbs'/'jobs'] if settings else []) + [Path(mlkit.__file__).resolve().parents[1]/'nbs'/'jobs']
@@ -155,9 +153,9 @@ def monitor(since:str|None=None, # start of the window, ISO date or time (defaul
             progress:bool=True, # show papermill's progress bar
            )->dict:
     "Run the monitoring job notebook with papermill, then write its `report.html`; return its summary"
-    from mlkit.predlog import _window
+    from mlkit.db import time_window
     from mlkit.report import notebook_to_html
-    _window(since, until) # a bad window fails before a run starts
+    time_window(since, until) # a bad window fails before a run starts
     s = load_settings(settings_path)
     p = dict(params or {})
     if since: p['since'] = since

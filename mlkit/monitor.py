@@ -14,26 +14,25 @@ import pandas as pd
 from pandas.api.types import union_categoricals
 
 from .config import Settings, load_settings
-from .contract import coerce_features, features, _as_category
+from .contract import coerce_features, features, as_category
 from .data import read_table
-from .errors import MlkitError, RetrainRefused
-from .predlog import PredictionLog, _window
-from .registry import Registry, default_actor, _finite, _plain
-from .runs import new_run_id, write_json
+from .errors import JobFailed, MlkitError, MonitorError, RetrainRefused
+from .jobs import retrain
+from .db import time_window
+from .predlog import PredictionLog
+from .registry import Registry, default_actor
+from .jsonsafe import to_records, write_json
+from .runs import new_run_id
 from .store import load_pipeline, model_info, model_name, use_store
-from .train import check_metric
+from .metrics import check_metric
 from . import abtest, drift, quality
 
 # %% auto #0
-__all__ = ['LEVELS', 'EXIT_STATUS', 'MonitorError', 'coerce_logged', 'LogWindow', 'read_log', 'log_traffic', 'Finding',
-           'MonitorRun', 'thresholds', 'holdout_eval', 'begin', 'measure_drift', 'quality_check', 'measure_quality',
-           'measure_staleness', 'measure_ab', 'measure_operations', 'verdict', 'trigger_retrain', 'finish', 'fail',
-           'run_steps']
+__all__ = ['LEVELS', 'EXIT_STATUS', 'coerce_logged', 'LogWindow', 'read_log', 'Finding', 'MonitorRun', 'thresholds',
+           'holdout_eval', 'begin', 'measure_drift', 'quality_check', 'measure_quality', 'measure_staleness',
+           'measure_ab', 'measure_operations', 'verdict', 'trigger_retrain', 'finish', 'fail', 'run_steps']
 
 # %% ../nbs/63_monitor.ipynb #2acb65e3
-class MonitorError(MlkitError):
-    "The monitoring job cannot run: no champion, a bad window, or a reference model that is not in the store"
-
 _META = ('request_id', 'ts', 'variant', 'shadow', 'model_tag', 'entity', 'prediction', 'latency_ms', 'status', 'label', 'label_at')
 
 def _log_column(name:str)->str:
@@ -76,7 +75,7 @@ def read_log(plog:PredictionLog, # the prediction log
             )->LogWindow:
     "Read a window of the prediction log in chunks, keeping the features compact"
     t = time.perf_counter()
-    since, until = _window(since, until)
+    since, until = time_window(since, until)
     rows, feats = [], []
     for ch in plog.read(since, until, chunksize=chunksize):
         rows.append(ch[[c for c in ch.columns if c in _KEEP or c.startswith('proba_')]])
@@ -90,53 +89,9 @@ def read_log(plog:PredictionLog, # the prediction log
     X = pd.DataFrame({c: union_categoricals([f[c].array for f in feats], ignore_order=True) if isinstance(feats[0][c].dtype, pd.CategoricalDtype)
                       else np.concatenate([f[c].to_numpy() for f in feats]) for c in feats[0].columns})
     if contract['task'] == 'classification':
-        df['prediction'], df['label'] = _as_category(df['prediction']), _as_category(df['label'])
+        df['prediction'], df['label'] = as_category(df['prediction']), as_category(df['label'])
     else: df['prediction'], df['label'] = pd.to_numeric(df['prediction'], errors='coerce'), pd.to_numeric(df['label'], errors='coerce')
     return LogWindow(df, X, since, until, time.perf_counter() - t)
-
-# %% ../nbs/63_monitor.ipynb #283534c2
-def log_traffic(settings:Settings, # the project's settings
-                df:pd.DataFrame, # rows to score: the features, optionally the target and an id column
-                ts=None, # one time for every row, or a sequence of times (aware datetimes); default: now
-                variant:str='champion', # 'champion' or 'challenger': which registered model answers, as logged
-                tag:str='', # the model to use (default: the registry's champion, or its newest challenger)
-                shadow:bool=False, # log as shadow predictions
-                label_share:float=0.0, # share of rows whose label is attached as feedback
-                seed:int=0, # chooses the labeled rows
-                request_ids:list|None=None, # ids of the requests (default: new ones)
-               )->list[str]:
-    "Score `df` with a registered model and write the predictions to the prediction log; returns the request ids"
-    from mlkit.service import Variant, _outputs, _log_rows, frame_to_records
-    import uuid
-    reg = Registry.from_settings(settings)
-    name = model_name(settings)
-    if not tag:
-        if variant == 'champion': tag = reg.champion(name)['tag']
-        else:
-            ch = [m for m in reg.list_models(name) if m['stage'] == 'challenger']
-            if not ch: raise MonitorError("no challenger in the registry: pass tag=")
-            tag = max(ch, key=lambda m: m['created_at'])['tag']
-    pipe, info = load_pipeline(tag, settings, (reg.get_model(tag) or {}).get('artifact_sha256'))
-    v = Variant(variant, info['tag'], pipe, info['metadata'])
-    contract = v.contract
-    recs = frame_to_records(df[[c for c in features(contract) if c in df]])
-    ids = list(request_ids) if request_ids is not None else [uuid.uuid4().hex for _ in recs]
-    ent = df[contract['id_column']].astype(str).tolist() if contract.get('id_column') and contract['id_column'] in df else [None] * len(recs)
-    times = [ts] * len(recs) if ts is None or isinstance(ts, datetime) else list(pd.to_datetime(ts, utc=True).to_pydatetime())
-    with PredictionLog.from_settings(settings) as plog:
-        for lo in range(0, len(recs), 5000):
-            part = slice(lo, lo + 5000)
-            preds, probas = _outputs(v, pd.DataFrame.from_records(recs[part]))
-            rows = _log_rows(v, recs[part], ids[part], ent[part], preds, probas, 1.0, shadow=shadow)
-            for r, t in zip(rows, times[part]): r['ts'] = t or datetime.now(timezone.utc)
-            plog.log(rows)
-        plog.flush()
-        if label_share > 0 and contract['target'] in df:
-            rng = np.random.default_rng(seed)
-            pick = np.flatnonzero(rng.random(len(df)) < label_share)
-            y = df[contract['target']].to_numpy()
-            plog.feedback([dict(request_id=ids[i], label=y[i].item() if hasattr(y[i], 'item') else y[i]) for i in pick])
-    return ids
 
 # %% ../nbs/63_monitor.ipynb #20a6700e
 LEVELS = dict(ok=0, warn=1, retrain=2)
@@ -177,7 +132,7 @@ class MonitorRun:
     @property
     def profile(self)->dict: return self.reference['metadata']['profile']
     @property
-    def metric(self)->str: return check_metric(self.settings.gate.primary_metric, self.contract['task'])
+    def metric(self)->str: return check_metric(self.settings.gate.primary_metric, self.contract['task'], '[gate] primary_metric')
 
     def add(self, level:str, kind:str, subject:str, detail:str):
         "Record a finding (level warn or retrain) or, with level 'note', a note"
@@ -247,7 +202,7 @@ def begin(settings_path:str='', # settings.ini ('' = $MLKIT_SETTINGS or the near
     th = thresholds(settings, **overrides)
     reg = Registry.from_settings(settings)
     reg.reap_stale_runs()
-    s, u = _window(since or None, until or None)
+    s, u = time_window(since or None, until or None)
     u = u or datetime.now(timezone.utc)
     if s is None and (prev := _previous_end(settings, reg)) is not None and prev < u: s = prev
     name = model_name(settings)
@@ -436,7 +391,6 @@ def trigger_retrain(run:MonitorRun, # a run whose verdict is known
                     progress:bool=False, # show papermill's progress bar
                    )->dict:
     "Start the retraining job when the verdict is `retrain` and automatic retraining is on; return what happened"
-    from mlkit.jobs import JobFailed, retrain
     auto = run.settings.monitor.auto_retrain if auto is None else auto
     v = run.summary.get('verdict') or verdict(run)['verdict']
     if v != 'retrain': res = dict(action='none', detail='no retrain needed')
@@ -457,20 +411,12 @@ def trigger_retrain(run:MonitorRun, # a run whose verdict is known
     return res
 
 # %% ../nbs/63_monitor.ipynb #d9f4c2ab
-def _plain_tables(o):
-    if isinstance(o, pd.DataFrame): return (o if isinstance(o.index, pd.RangeIndex) else o.reset_index()).to_dict('records')
-    return _plain(o)
-
-def _records(v):
-    "Measurements as JSON values: tables as lists of records, NaN as null"
-    return _finite(json.loads(json.dumps(v, default=_plain_tables)))
-
 def finish(run:MonitorRun, **measures)->dict:
     "Record the run as succeeded with its verdict; write summary.json; return the summary"
     if 'verdict' not in run.summary: verdict(run)
     now = datetime.now(timezone.utc)
     if 'drift' in measures: measures['drift'] = {k: v for k, v in measures['drift'].items() if k != 'prediction_scores'}  # arrays for the plot
-    run.summary.update({k: _records(v) for k, v in measures.items()})
+    run.summary.update({k: to_records(v) for k, v in measures.items()})
     run.summary.update(status='succeeded', finished_at=now.isoformat(), duration_s=round(time.perf_counter() - run.started, 3),
                        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                        exit_status=EXIT_STATUS[run.summary['verdict']])
@@ -485,7 +431,7 @@ def fail(run:MonitorRun, error:BaseException)->dict:
     "Record the run as failed with a one-line reason; write summary.json"
     reason = f"{type(error).__name__}: {error}".strip().splitlines()[0][:500]
     run.summary.update(status='failed', reason=reason, finished_at=datetime.now(timezone.utc).isoformat())
-    write_json(run.run_dir/'summary.json', _records(run.summary))
+    write_json(run.run_dir/'summary.json', to_records(run.summary))
     run.registry.finish_run(run.run_id, 'failed', reason)
     return run.summary
 

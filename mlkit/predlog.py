@@ -22,17 +22,14 @@ from sqlalchemy.engine import Connection
 
 from fastcore.basics import patch
 
-from .errors import MlkitError
-from .registry import UTCDateTime, _engine, _plain, jsonable, write_transaction
+from .errors import PredictionLogError
+from .db import UTCDateTime, make_engine, time_window, utcnow, write_transaction
+from .jsonsafe import jsonable, to_plain
 
 # %% auto #0
-__all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'EXIT_TIMEOUT_S', 'PredictionLogError', 'PredictionLog',
-           'export_cli']
+__all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'EXIT_TIMEOUT_S', 'PredictionLog', 'export_cli']
 
 # %% ../nbs/51_predlog.ipynb #7dd2d110
-class PredictionLogError(MlkitError):
-    "The prediction log refused an operation: a malformed row or label, a bad time window, or a flush that timed out"
-
 _logger = logging.getLogger('mlkit.predlog')
 
 # %% ../nbs/51_predlog.ipynb #f0e46809
@@ -63,11 +60,9 @@ predictions_table = sa.Table('predictions', predlog_metadata,
 _REQUIRED = ('request_id', 'model_tag', 'features', 'prediction')
 _DEFAULTS = dict(ts=None, variant='champion', shadow=False, entity=None, proba=None, latency_ms=None, status=200)
 _KEYS = frozenset(_REQUIRED) | frozenset(_DEFAULTS)
-_ENC = json.JSONEncoder(separators=(',', ':'), allow_nan=False, default=_plain)
+_ENC = json.JSONEncoder(separators=(',', ':'), allow_nan=False, default=to_plain)
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 _KEY_TYPES = frozenset({str, int})
-
-def _now()->datetime: return datetime.now(timezone.utc)
 
 def _json_text(v:Any, what:str)->str:
     "`v` as compact JSON text; NaN/inf become null; `PredictionLogError` naming `what` if `v` is not JSON-able"
@@ -139,30 +134,6 @@ def _check_row(r:dict, i:int, now:datetime)->dict:
                 proba=proba, latency_ms=lat, status=status)
 
 # %% ../nbs/51_predlog.ipynb #78badbfa
-def _when(v, what:str, end:bool=False)->datetime|None:
-    "One end of a time window as an aware UTC datetime (None = open)"
-    if v is None or v == '': return None
-    if isinstance(v, str):
-        s = v.strip()
-        try: v = date.fromisoformat(s) if len(s) == 10 else datetime.fromisoformat(s)
-        except ValueError:
-            raise PredictionLogError(f"{what} {s!r} is not an ISO date or time; use e.g. 2024-05-01 or 2024-05-01T12:00:00+00:00") from None
-        if isinstance(v, datetime) and v.tzinfo is None: v = v.replace(tzinfo=timezone.utc)
-    if isinstance(v, datetime):
-        if v.tzinfo is None or v.utcoffset() is None:
-            raise PredictionLogError(f"{what} {v.isoformat()} has no timezone; pass an aware datetime, e.g. datetime(2024, 5, 1, tzinfo=timezone.utc)")
-        return v.astimezone(timezone.utc)
-    if isinstance(v, date):
-        d = datetime.combine(v, dtime(), timezone.utc)
-        return d + timedelta(days=1) if end else d
-    raise PredictionLogError(f"{what} must be a datetime, a date or an ISO string, got {type(v).__name__}")
-
-def _window(since, until)->tuple[datetime|None, datetime|None]:
-    s, u = _when(since, 'since'), _when(until, 'until', end=True)
-    if s is not None and u is not None and s > u:
-        raise PredictionLogError(f"since {s.isoformat()} is after until {u.isoformat()}")
-    return s, u
-
 def _where(q, since:datetime|None, until:datetime|None):
     t = predictions_table
     if since is not None: q = q.where(t.c.ts >= since)
@@ -184,7 +155,7 @@ class PredictionLog:
         if batch_size < 1 or flush_ms < 1 or max_queue < 1:
             raise PredictionLogError(f"batch_size, flush_ms and max_queue must be positive, got {batch_size}, {flush_ms}, {max_queue}")
         self.batch_size, self.flush_ms, self.max_queue = int(batch_size), int(flush_ms), int(max_queue)
-        self.engine = _engine(url)
+        self.engine = make_engine(url)
         self.url = self.engine.url.render_as_string(hide_password=True)
         self._create_table()
         self._insert = _insert_stmt(self.engine.dialect.name)
@@ -256,7 +227,7 @@ def log(self:PredictionLog, rows:list[dict], # predictions to log (see the table
         )->None:
     "Check `rows` and queue them for the writer thread; returns at once"
     if isinstance(rows, dict): raise PredictionLogError("log() takes a list of rows (dicts), got one dict; wrap it in a list")
-    now = _now()
+    now = utcnow()
     vals = [_check_row(r, i, now) for i, r in enumerate(rows)]
     if not vals: return
     self._forked()
@@ -505,7 +476,7 @@ def count(self:PredictionLog, since:datetime|date|str|None=None, # from this tim
            until:datetime|date|str|None=None, # up to this time (exclusive; a date includes that day)
           )->int:
     "Number of logged predictions in the window"
-    since, until = _window(since, until)
+    since, until = time_window(since, until)
     self._forked()
     with self._read() as c:
         return c.execute(_where(sa.select(sa.func.count()).select_from(predictions_table), since, until)).scalar_one()
@@ -517,7 +488,7 @@ def read(self:PredictionLog, since:datetime|date|str|None=None, # from this time
               with_features:bool=True, # one column per feature (decoding features is most of the work)
              )->pd.DataFrame|Iterator[pd.DataFrame]:
     "Logged predictions ordered by time: a DataFrame, or an iterator of DataFrames with `chunksize`"
-    since, until = _window(since, until)
+    since, until = time_window(since, until)
     self._forked()
     if chunksize is not None:
         if chunksize < 1: raise PredictionLogError(f"chunksize must be a positive number of rows, got {chunksize}")
@@ -548,7 +519,7 @@ def feedback(self:PredictionLog, items:list[dict], # {'request_id': str, 'label'
         labels[rid] = None if lab is None else _json_text(lab, f"feedback item {i} (request_id {rid!r}): label")
     if not labels: return dict(joined=[], unknown=[])
     self.flush(flush_timeout) # (also starts afresh in a forked process)
-    t, ids, now = predictions_table, list(labels), _now()
+    t, ids, now = predictions_table, list(labels), utcnow()
     upd = (sa.update(t).where(t.c.request_id == sa.bindparam('b_rid'))
            .values(label=sa.bindparam('b_label'), label_at=sa.bindparam('b_at', type_=UTCDateTime())))
     def attach(todo):
@@ -616,7 +587,7 @@ def export_parquet(self:PredictionLog, out_dir:str|Path, # folder of the dataset
                    chunksize:int=100_000, # rows read at a time
                   )->list[Path]:
     "Write the window as day-partitioned Parquet (`out_dir/date=YYYY-MM-DD/part-*.parquet`); returns the files written"
-    since, until = _window(since, until)
+    since, until = time_window(since, until)
     out_dir = Path(out_dir).expanduser()
     done, state = [], dict(day=None, parts=[], rows=0, k=0) # done: (final path, temp path, schema)
 
@@ -670,7 +641,7 @@ def export_cli(since:str=None, # start of the window: ISO date or time, UTC unle
     "Export logged predictions as day-partitioned Parquet files (date=YYYY-MM-DD/part-*.parquet)"
     from mlkit.config import load_settings
     if format != 'parquet': raise PredictionLogError(f"format must be 'parquet', got {format!r}")
-    since, until = _window(since, until) # bad values fail before anything is opened
+    since, until = time_window(since, until) # bad values fail before anything is opened
     settings = load_settings()
     out = Path(out).expanduser().resolve() if out else settings.state_dir/'exports'
     with PredictionLog.from_settings(settings) as plog:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .contract import coerce_features, _distinct, _label
+from .contract import coerce_features, label_counts
 
 # %% auto #0
 __all__ = ['OTHER', 'MISSING', 'SAMPLE_SIZE', 'column_profile', 'distribution', 'psi', 'profile', 'psi_by_column']
@@ -15,17 +15,6 @@ __all__ = ['OTHER', 'MISSING', 'SAMPLE_SIZE', 'column_profile', 'distribution', 
 # %% ../nbs/13_profile.ipynb #def9227a
 OTHER, MISSING = '__other__', '__missing__'
 SAMPLE_SIZE = 1000 # numeric profiles keep this many quantiles of the column, for two-sample tests
-
-def _labels(s:pd.Series)->tuple[np.ndarray, list]:
-    "Codes (-1: missing) and text labels of `s`, the labels `_as_category` writes, computed per distinct value (not per row)"
-    codes, uniq = _distinct(s)
-    lcodes, labels = pd.factorize(pd.Series([_label(v) for v in uniq], dtype=object)) # 1 and 1.0 are both '1'
-    return np.where(codes >= 0, np.append(lcodes, -1)[codes], -1), list(labels)
-
-def _counts(s:pd.Series)->pd.Series:
-    "Rows of `s` per text label (missing values left out), in order of first appearance"
-    codes, labels = _labels(s)
-    return pd.Series(np.bincount(codes[codes >= 0], minlength=len(labels)), index=pd.Index(labels, dtype=object), dtype=np.int64)
 
 def column_profile(s:pd.Series, # one column, already cast by `coerce_features` (float or text)
                    kind:str, # numeric, boolean or categorical
@@ -41,7 +30,7 @@ def column_profile(s:pd.Series, # one column, already cast by `coerce_features` 
         p = dict(kind='numeric', edges=edges, mean=float(nn.mean()) if len(nn) else None, std=float(nn.std()) if len(nn) else None,
                  sample=sample)
     else:
-        vc = _counts(s).sort_values(ascending=False, kind='stable')
+        vc = label_counts(s).sort_values(ascending=False, kind='stable')
         p = dict(kind='categorical', values=[str(v) for v in vc.index[vc.to_numpy() > 0][:top]])
     p['props'] = distribution(s, p).tolist()
     p['count'] = int(len(s))
@@ -55,7 +44,7 @@ def distribution(s:pd.Series, prof:dict)->np.ndarray:
         idx = np.searchsorted(np.asarray(prof['edges'], dtype=float), s.to_numpy(dtype=float)[~miss], side='right')
         counts = np.bincount(idx, minlength=len(prof['edges']) + 1).astype(float)
     else:
-        vc = _counts(s)
+        vc = label_counts(s)
         known = vc.reindex(prof['values'], fill_value=0).to_numpy(dtype=float)
         counts = np.append(known, vc.sum() - known.sum())
     return np.append(counts, miss.sum()) / n

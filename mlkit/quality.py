@@ -10,29 +10,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .errors import MlkitError
-from .train import CLASSIFICATION_METRICS, REGRESSION_METRICS, HIGHER_IS_BETTER
+from .contract import target_classes
+from .errors import QualityError
+from .metrics import HIGHER_IS_BETTER, METRICS, NEEDS_PROBA, check_metric
 
 # %% auto #0
-__all__ = ['METRICS', 'NEEDS_PROBA', 'BOOT_ROWS', 'BOOT_DRAWS', 'BOOT_SEED', 'LOG_COLUMNS', 'QualityError',
-           'check_quality_metric', 'class_codes', 'metric_ci', 'simulated_log', 'quality_by_window', 'quality_overall',
-           'quality_check', 'staleness', 'operational']
-
-# %% ../nbs/61_quality.ipynb #f4198f8e
-class QualityError(MlkitError, ValueError):
-    "A metric that does not exist or does not suit the task, or a log frame without the columns a measure needs"
-
-METRICS = dict(classification=CLASSIFICATION_METRICS, regression=REGRESSION_METRICS)
-NEEDS_PROBA = ('roc_auc', 'log_loss')
-
-def check_quality_metric(metric:str, task:str='classification')->str:
-    "`metric` if mlkit can measure it for `task`, else a `QualityError` naming the valid ones"
-    if task not in METRICS: raise QualityError(f"unknown task {task!r}; expected classification or regression")
-    if metric not in METRICS[task]:
-        other = next((t for t, ms in METRICS.items() if metric in ms), None)
-        why = f"is a {other} metric" if other else "is not a metric mlkit knows"
-        raise QualityError(f"metric {metric!r} {why}; valid {task} metrics: {', '.join(METRICS[task])}")
-    return metric
+__all__ = ['BOOT_ROWS', 'BOOT_DRAWS', 'BOOT_SEED', 'LOG_COLUMNS', 'class_codes', 'z_value', 'metric_ci', 'prepare_labeled',
+           'measure_labeled', 'quality_by_window', 'quality_overall', 'fmt_num', 'fmt_share', 'quality_check',
+           'staleness', 'operational']
 
 # %% ../nbs/61_quality.ipynb #b13be2ce
 def _spellings(u)->list[str]:
@@ -62,11 +47,14 @@ def _default_classes(*cols)->list[str]:
     return sorted(seen)
 
 # %% ../nbs/61_quality.ipynb #a0a13060
-def _z(alpha:float)->float: return float(stats.norm.ppf(1 - alpha / 2))
+def z_value(alpha:float)->float:
+    "The two-sided normal quantile of level `alpha` (1.96 for 0.05)"
+    return float(stats.norm.ppf(1 - alpha / 2))
+
 def _f(v): return None if v is None or not np.isfinite(v) else float(v)
 
 def _wilson(k:int, n:int, alpha:float)->tuple[float, float]:
-    z, p = _z(alpha), k / n
+    z, p = z_value(alpha), k / n
     mid, half = p + z*z / (2*n), z * np.sqrt(p*(1 - p) / n + z*z / (4*n*n))
     return (mid - half) / (1 + z*z/n), (mid + half) / (1 + z*z/n)
 
@@ -134,7 +122,7 @@ def _ci(metric:str, y:np.ndarray, p:np.ndarray, P:np.ndarray|None, task:str, alp
     n = len(y)
     res = dict(metric=metric, value=None, low=None, high=None, se=None, n=int(n), method=None)
     if n == 0: return res, None
-    z, loss = _z(alpha), None
+    z, loss = z_value(alpha), None
     value = lo = hi = se = np.nan
     if metric == 'accuracy':
         k = int((y == p).sum()); value = k / n
@@ -192,7 +180,7 @@ def metric_ci(metric:str, # roc_auc, accuracy, f1, log_loss (classification); rm
               classes:list[str]|None=None, # class names in order (default: proba's columns, else the sorted values seen)
              )->dict:
     "The metric with a confidence interval: dict(metric, value, low, high, se, n, method); None where it cannot be computed"
-    check_quality_metric(metric, task)
+    check_metric(metric, task)
     if not 0 < alpha < 1: raise QualityError(f"alpha must be between 0 and 1, got {alpha}")
     if task == 'regression':
         y = pd.to_numeric(pd.Series(y_true).reset_index(drop=True), errors='coerce').to_numpy(float)
@@ -219,15 +207,12 @@ def _need(log:pd.DataFrame, cols, what:str):
         have = ', '.join(map(str, list(log.columns)[:20])) + (', ...' if len(log.columns) > 20 else '')
         raise QualityError(f"{what} needs column(s) {', '.join(missing)} in the log frame, which has: {have or 'no columns'}")
 
-def _classes(contract:dict)->list[str]|None:
-    return (contract['columns'].get(contract['target'], {}).get('classes')) if contract['task'] == 'classification' else None
-
-def _prepare(log:pd.DataFrame, contract:dict, metric:str, what:str)->dict:
+def prepare_labeled(log:pd.DataFrame, contract:dict, metric:str, what:str)->dict:
     "Arrays for the answered (non-shadow, status < 400) rows: labeled mask, codes or values, probabilities, ts, variant"
     task = contract['task']
-    check_quality_metric(metric, task)
+    check_metric(metric, task)
     _need(log, LOG_COLUMNS, what)
-    classes = _classes(contract)
+    classes = target_classes(contract)
     if task == 'classification' and not classes:
         classes = sorted(c[len('proba_'):] for c in log.columns if str(c).startswith('proba_'))
         if not classes: raise QualityError(f"{what}: the contract names no classes for '{contract['target']}' and the log has no proba_ columns")
@@ -248,43 +233,10 @@ def _prepare(log:pd.DataFrame, contract:dict, metric:str, what:str)->dict:
     return dict(task=task, classes=classes, rows=len(rows), labeled=labeled, usable=usable, y=y, p=p, P=P,
                 ts=rows['ts'], variant=rows['variant'].to_numpy())
 
-def _measure(d:dict, metric:str, alpha:float, idx=None)->tuple[dict, np.ndarray|None]:
+def measure_labeled(d:dict, metric:str, alpha:float, idx=None)->tuple[dict, np.ndarray|None]:
     "metric_ci on the usable rows of prepared arrays `d` (among the positions `idx`)"
     i = np.flatnonzero(d['usable']) if idx is None else idx[d['usable'][idx]]
     return _ci(metric, d['y'][i], d['p'][i], d['P'][i] if d['P'] is not None else None, d['task'], alpha)
-
-# %% ../nbs/61_quality.ipynb #ba65aea3
-def simulated_log(df:pd.DataFrame, # scored rows: features and the target
-                  contract:dict, # their data contract
-                  pred, # predicted label or value per row
-                  proba=None, # class probabilities per row (array or frame), columns in the contract's class order
-                  labeled:float|np.ndarray=0.3, # share of rows whose label has arrived, or a boolean mask
-                  variant='champion', # 'champion', 'challenger', or one per row
-                  shadow=False, # True, False, or one per row
-                  seed:int=0, # random seed: labeled rows, latencies
-                  start=None, # first timestamp (default: the contract's timestamp column, else 2026-02-01 UTC)
-                  days:float=1, # rows spread evenly over this many days from `start`
-                  model_tag:str='churn:test', # logged model tag
-                 )->pd.DataFrame:
-    "A frame shaped like `PredictionLog.read()` from scored rows, for tests and simulations"
-    n, rng = len(df), np.random.default_rng([seed, 61]) # its own stream: a caller's default_rng(seed) draws stay independent
-    tcol, target = contract.get('timestamp_column'), contract['target']
-    if start is None and tcol and tcol in df: ts = pd.to_datetime(df[tcol].to_numpy(), utc=True)
-    else: ts = pd.Timestamp(start or '2026-02-01', tz='UTC') + pd.to_timedelta(np.sort(rng.random(n)) * days * 86400, unit='s')
-    mask = np.asarray(labeled) if np.ndim(labeled) else rng.random(n) < labeled
-    y = df[target].to_numpy()
-    label = pd.Series(y, dtype=object).where(mask, None) if contract['task'] == 'classification' else pd.Series(np.where(mask, y, np.nan))
-    log = pd.DataFrame(dict(
-        request_id=[f"r{seed}-{i}" for i in range(n)], ts=pd.Series(ts).astype('datetime64[us, UTC]'),
-        variant=np.broadcast_to(np.asarray(variant, dtype=object), n), shadow=np.broadcast_to(np.asarray(shadow, bool), n),
-        model_tag=model_tag, entity=df[contract['id_column']].to_numpy() if contract.get('id_column') else None,
-        prediction=np.asarray(pred), latency_ms=rng.gamma(4, 3, n), status=200, label=label))
-    log['label_at'] = (log.ts + pd.Timedelta(hours=6)).where(mask)
-    if proba is not None:
-        P = proba.to_numpy(float) if isinstance(proba, pd.DataFrame) else np.asarray(proba, float)
-        for i, c in enumerate(_classes(contract) or []): log[f"proba_{c}"] = P[:, i]
-    feats = df[[c for c, s in contract['columns'].items() if s['role'] == 'feature' and c in df]].reset_index(drop=True)
-    return pd.concat([log, feats], axis=1)
 
 # %% ../nbs/61_quality.ipynb #8b58fb46
 def quality_by_window(log:pd.DataFrame, # a frame from `PredictionLog.read`
@@ -294,7 +246,7 @@ def quality_by_window(log:pd.DataFrame, # a frame from `PredictionLog.read`
                       alpha:float=0.05, # 1 - confidence level
                      )->pd.DataFrame:
     "Per time window (start, from `ts`): predictions, labeled, labeled_share, n, value, low, high of `metric` on non-shadow rows"
-    d = _prepare(log, contract, metric, 'quality_by_window')
+    d = prepare_labeled(log, contract, metric, 'quality_by_window')
     cols = ['window', 'predictions', 'labeled', 'labeled_share', 'n', 'value', 'low', 'high']
     if d['rows'] == 0: return pd.DataFrame({c: pd.Series(dtype='datetime64[us, UTC]' if c == 'window' else float) for c in cols})
     pos = pd.Series(np.arange(d['rows']), index=pd.DatetimeIndex(d['ts']))
@@ -303,7 +255,7 @@ def quality_by_window(log:pd.DataFrame, # a frame from `PredictionLog.read`
     out = []
     for start, part in windows:
         idx = part.to_numpy()
-        r, _ = _measure(d, metric, alpha, idx)
+        r, _ = measure_labeled(d, metric, alpha, idx)
         k = int(d['labeled'][idx].sum())
         out.append(dict(window=start, predictions=len(part), labeled=k, labeled_share=k / len(part) if len(part) else np.nan,
                         n=r['n'], value=r['value'], low=r['low'], high=r['high']))
@@ -315,14 +267,19 @@ def quality_overall(log:pd.DataFrame, # a frame from `PredictionLog.read`
                     alpha:float=0.05, # 1 - confidence level
                    )->dict:
     "`metric_ci` on all labeled non-shadow rows (metric, value, low, high, se, n, method) with predictions, labeled, labeled_share, alpha"
-    d = _prepare(log, contract, metric, 'quality_overall')
-    r, _ = _measure(d, metric, alpha)
+    d = prepare_labeled(log, contract, metric, 'quality_overall')
+    r, _ = measure_labeled(d, metric, alpha)
     k = int(d['labeled'].sum())
     return dict(r, predictions=d['rows'], labeled=k, labeled_share=k / d['rows'] if d['rows'] else 0., alpha=alpha)
 
 # %% ../nbs/61_quality.ipynb #959e2a87
-def _num(v, fmt='.4g'): return 'n/a' if v is None else format(v, fmt)
-def _pct(s:float)->str: return f"{s:.0%}" if s >= 0.1 or s == 0 else f"{s:.1%}"
+def fmt_num(v, fmt:str='.4g')->str:
+    "`v` formatted for a sentence; 'n/a' when it is missing"
+    return 'n/a' if v is None else format(v, fmt)
+
+def fmt_share(s:float)->str:
+    "A share as a percentage, with one decimal below 10%"
+    return f"{s:.0%}" if s >= 0.1 or s == 0 else f"{s:.1%}"
 
 def quality_check(overall:dict, # from `quality_overall`
                   offline:float|None, # the model's metric on its golden holdout
@@ -333,19 +290,19 @@ def quality_check(overall:dict, # from `quality_overall`
     if metric not in HIGHER_IS_BETTER: raise QualityError(f"unknown metric {metric!r}; valid: {', '.join(HIGHER_IS_BETTER)}")
     v, lo, hi = overall.get('value'), overall.get('low'), overall.get('high')
     lab, preds = overall.get('labeled', overall.get('n', 0)), overall.get('predictions')
-    share = f"{lab:,} labeled predictions" + (f" ({_pct(overall.get('labeled_share', 0))} of {preds:,})" if preds else '')
+    share = f"{lab:,} labeled predictions" + (f" ({fmt_share(overall.get('labeled_share', 0))} of {preds:,})" if preds else '')
     level = round(100 * (1 - overall.get('alpha', 0.05)))
     if v is None:
         why = 'no labeled predictions yet' if not lab else f"{metric} cannot be computed on {share} (e.g. one class only)"
         return dict(level='unknown', drop=None, detail=f"live {metric} unknown: {why}")
-    live = f"live {metric} {_num(v)} ({level}% CI {_num(lo)}–{_num(hi)}) on {share}"
+    live = f"live {metric} {fmt_num(v)} ({level}% CI {fmt_num(lo)}–{fmt_num(hi)}) on {share}"
     if offline is None: return dict(level='unknown', drop=None, detail=f"{live}; no offline {metric} to compare with")
     up = HIGHER_IS_BETTER[metric]
     drop = float(offline - v if up else v - offline) # positive = worse than offline
     excluded = (hi is not None and hi < offline) if up else (lo is not None and lo > offline)
     alert = drop > max_drop and excluded
-    how = (f"worse than offline {_num(offline)} by {_num(drop, '.3g')}" if drop > 0 else f"not worse than offline {_num(offline)}")
-    verdict = ('past the limit of ' if alert else 'within the noise of the labels; limit ' if drop > max_drop else 'within the limit of ') + _num(max_drop, '.3g')
+    how = (f"worse than offline {fmt_num(offline)} by {fmt_num(drop, '.3g')}" if drop > 0 else f"not worse than offline {fmt_num(offline)}")
+    verdict = ('past the limit of ' if alert else 'within the noise of the labels; limit ' if drop > max_drop else 'within the limit of ') + fmt_num(max_drop, '.3g')
     return dict(level='alert' if alert else 'ok', drop=drop, detail=f"{live}: {how}, {verdict}")
 
 # %% ../nbs/61_quality.ipynb #f62b24f0

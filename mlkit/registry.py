@@ -4,31 +4,24 @@
 
 # %% ../nbs/30_registry.ipynb #668436bb
 from __future__ import annotations
-import getpass, json, math, os, socket
-from contextlib import contextmanager
-from datetime import date, datetime, timezone
+import getpass, os, socket
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.pool import StaticPool
-from sqlalchemy.types import TypeDecorator
 
 from fastcore.basics import patch
 
-from .errors import MlkitError
+from .errors import RegistryError
+from .db import UTCDateTime, make_engine, utc, utcnow, write_transaction
+from .jsonsafe import jsonable
 
 # %% auto #0
 __all__ = ['RUN_KINDS', 'RUN_STATUSES', 'TRIGGERS', 'STAGES', 'PROMOTION_KINDS', 'registry_metadata', 'runs_table',
-           'models_table', 'promotions_table', 'audit_table', 'holdouts_table', 'BUSY_TIMEOUT_MS', 'RUN_FIELDS',
-           'RegistryError', 'default_actor', 'UTCDateTime', 'jsonable', 'write_transaction', 'Registry']
-
-# %% ../nbs/30_registry.ipynb #573af763
-class RegistryError(MlkitError):
-    "The registry refused an operation: unknown run or model, forbidden transition, or a broken invariant"
+           'models_table', 'promotions_table', 'audit_table', 'holdouts_table', 'RUN_FIELDS', 'RATE_LIMITED_STATUSES',
+           'default_actor', 'Registry']
 
 # %% ../nbs/30_registry.ipynb #53b37e2e
 def default_actor()->str:
@@ -37,50 +30,6 @@ def default_actor()->str:
     try: user = getpass.getuser()
     except Exception: user = 'unknown'
     return f"{user}@{socket.gethostname()}"
-
-# %% ../nbs/30_registry.ipynb #22694fd0
-def _utc(v:datetime, what:str='timestamp')->datetime:
-    if not isinstance(v, datetime): raise RegistryError(f"{what} must be a datetime, got {type(v).__name__}")
-    if v.tzinfo is None or v.utcoffset() is None:
-        raise RegistryError(f"{what} {v.isoformat()} has no timezone; pass an aware datetime, e.g. datetime.now(timezone.utc)")
-    return v.astimezone(timezone.utc)
-
-class UTCDateTime(TypeDecorator):
-    "A timestamp stored in UTC and returned as an aware UTC `datetime` on every database"
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-    def process_bind_param(self, v, dialect):
-        if v is None: return None
-        v = _utc(v)
-        return v.replace(tzinfo=None) if dialect.name == 'sqlite' else v
-    def process_result_value(self, v, dialect):
-        if v is None: return None
-        return v.replace(tzinfo=timezone.utc) if v.tzinfo is None else v.astimezone(timezone.utc)
-
-def _now()->datetime: return datetime.now(timezone.utc)
-
-def _plain(o):
-    if hasattr(o, 'item') and callable(o.item): return o.item() # numpy scalars
-    if hasattr(o, 'tolist') and callable(o.tolist): return o.tolist() # numpy arrays
-    if isinstance(o, (datetime, date)): return o.isoformat()
-    if isinstance(o, (set, frozenset)): return sorted(o, key=str)
-    if isinstance(o, Path): return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON-able")
-
-def _finite(v):
-    if isinstance(v, float) and not math.isfinite(v): return None
-    if isinstance(v, dict): return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list): return [_finite(x) for x in v]
-    return v
-
-def jsonable(v:Any, # value for a JSON column
-             what:str='value', # how to name it in an error
-             err:type=RegistryError, # exception to raise when `v` is not JSON-able
-            )->Any:
-    "`v` as plain JSON values (numpy scalars to numbers, NaN/inf to None); `err` if that is impossible"
-    if v is None: return None
-    try: return _finite(json.loads(json.dumps(v, default=_plain)))
-    except (TypeError, ValueError) as e: raise err(f"{what} cannot be stored as JSON: {e}") from None
 
 # %% ../nbs/30_registry.ipynb #b46c3b64
 RUN_KINDS = ('retrain', 'monitor')
@@ -160,37 +109,10 @@ holdouts_table = sa.Table('holdouts', registry_metadata,
     sa.Column('run_id', _s),
 )
 
-# %% ../nbs/30_registry.ipynb #129a0a5c
-BUSY_TIMEOUT_MS = 30_000
-
-def _sqlite_hooks(engine:Engine):
-    "WAL, busy timeout, and `BEGIN IMMEDIATE` for write transactions on a SQLite engine"
-    @event.listens_for(engine, 'connect')
-    def _connect(dbapi_con, _):
-        dbapi_con.isolation_level = None # let SQLAlchemy's 'begin' hook emit BEGIN itself
-        cur = dbapi_con.cursor()
-        cur.execute(f'PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}')
-        if engine.url.database not in (None, '', ':memory:'): cur.execute('PRAGMA journal_mode = WAL')
-        cur.execute('PRAGMA synchronous = NORMAL')
-        cur.close()
-
-    @event.listens_for(engine, 'begin')
-    def _begin(conn):
-        conn.exec_driver_sql('BEGIN IMMEDIATE' if conn.get_execution_options().get('mlkit_write') else 'BEGIN')
-
-def _engine(url:str)->Engine:
-    u = make_url(url)
-    if u.get_backend_name() != 'sqlite': return sa.create_engine(u, pool_pre_ping=True)
-    if u.database in (None, '', ':memory:'):
-        engine = sa.create_engine(u, poolclass=StaticPool, connect_args=dict(check_same_thread=False))
-    else:
-        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(u, connect_args=dict(timeout=BUSY_TIMEOUT_MS/1000))
-    _sqlite_hooks(engine)
-    return engine
-
 # %% ../nbs/30_registry.ipynb #def87509
 def _row(r)->dict|None: return None if r is None else dict(r._mapping)
+
+def _stored(v, what:str): return jsonable(v, what, RegistryError)
 
 def _one_of(v, choices, what):
     if v not in choices: raise RegistryError(f"{what} must be one of {', '.join(map(repr, choices))}, got {v!r}")
@@ -198,18 +120,11 @@ def _one_of(v, choices, what):
 
 def _model_name(tag:str)->str: return tag.split(':', 1)[0]
 
-@contextmanager
-def write_transaction(engine:Engine)->Iterator[Connection]:
-    "A write transaction on `engine` (`BEGIN IMMEDIATE` on SQLite), committed on success"
-    with engine.connect() as c:
-        c.execution_options(mlkit_write=True)
-        with c.begin(): yield c
-
 class Registry:
     "The registry database of runs, models, promotions, holdouts and the audit trail"
     def __init__(self, url:str, # SQLAlchemy URL, e.g. `sqlite:///state/registry.db` or `postgresql+psycopg://...`
                 ):
-        self.engine = _engine(url)
+        self.engine = make_engine(url)
         self.url = self.engine.url.render_as_string(hide_password=True)
         with self._write() as c: registry_metadata.create_all(c)
 
@@ -232,8 +147,8 @@ class Registry:
 
 # %% ../nbs/30_registry.ipynb #321c4027
 def _audit(c:Connection, actor, action, target='', reason='', details=None)->int:
-    r = c.execute(sa.insert(audit_table).values(at=_now(), actor=actor or default_actor(), action=action, target=target,
-                                               reason=reason, details=jsonable(details, 'audit details')))
+    r = c.execute(sa.insert(audit_table).values(at=utcnow(), actor=actor or default_actor(), action=action, target=target,
+                                               reason=reason, details=_stored(details, 'audit details')))
     return r.inserted_primary_key[0]
 
 @patch
@@ -274,9 +189,9 @@ def start_run(self:Registry, run_id:str, # the run's id, chosen by the job (e.g.
     "Record that a run started; a rerun of an unsuccessful run id resets it"
     _one_of(kind, RUN_KINDS, 'kind'); _one_of(trigger, TRIGGERS, 'trigger')
     if not run_id: raise RegistryError("a run needs a non-empty id")
-    vals = dict(kind=kind, status='running', trigger=trigger, forced=bool(forced), started_at=_now(), finished_at=None,
+    vals = dict(kind=kind, status='running', trigger=trigger, forced=bool(forced), started_at=utcnow(), finished_at=None,
                 host=socket.gethostname(), pid=os.getpid(),
-                params=jsonable(params or {}, 'params'), data_fingerprint=None, metrics=None, decision=None,
+                params=_stored(params or {}, 'params'), data_fingerprint=None, metrics=None, decision=None,
                 reason=None, model_tag=None, notebook=None)
     with self._write() as c:
         old = _get_run(c, run_id)
@@ -301,11 +216,11 @@ def finish_run(self:Registry, run_id:str, # a started run
     if bad := sorted(set(fields) - set(RUN_FIELDS)):
         raise RegistryError(f"finish_run got unknown field{'s' if len(bad) > 1 else ''} {', '.join(bad)}; known: {', '.join(RUN_FIELDS)}")
     for k in ('params', 'metrics'):
-        if k in fields: fields[k] = jsonable(fields[k], k)
+        if k in fields: fields[k] = _stored(fields[k], k)
     if 'notebook' in fields and fields['notebook'] is not None: fields['notebook'] = str(fields['notebook'])
     with self._write() as c:
         if _get_run(c, run_id) is None: raise RegistryError(f"no run '{run_id}' in the registry; call start_run first")
-        c.execute(sa.update(runs_table).where(runs_table.c.id == run_id).values(status=status, reason=reason, finished_at=_now(), **fields))
+        c.execute(sa.update(runs_table).where(runs_table.c.id == run_id).values(status=status, reason=reason, finished_at=utcnow(), **fields))
         return _get_run(c, run_id)
 
 @patch
@@ -323,30 +238,21 @@ def list_runs(self:Registry, limit:int=20, # newest runs to return
     with self._read() as c: return [_row(r) for r in c.execute(q)]
 
 # %% ../nbs/30_registry.ipynb #b86878a1
-_COUNTED = ('running', 'succeeded', 'failed')
-
-def _runs_where(q, kind, triggers, statuses, since=None):
-    q = q.where(runs_table.c.kind == kind, runs_table.c.trigger.in_(list(triggers)), runs_table.c.status.in_(list(statuses)))
-    return q if since is None else q.where(runs_table.c.started_at >= _utc(since, 'since'))
+RATE_LIMITED_STATUSES = ('running', 'succeeded', 'failed')
 
 @patch
-def count_runs(self:Registry, kind:str='retrain', # run kind
+def run_starts(self:Registry, kind:str='retrain', # run kind
                since:datetime|None=None, # only runs started at or after this (aware) time; None = all
-               triggers:tuple=('schedule', 'monitor'), # count runs started by these
-               statuses:tuple=_COUNTED, # count runs in these states
-              )->int:
-    "How many runs match: the rate limit's 'retrains in the last 24 hours'"
-    q = _runs_where(sa.select(sa.func.count()).select_from(runs_table), kind, triggers, statuses, since)
-    with self._read() as c: return c.execute(q).scalar_one()
-
-@patch
-def last_run(self:Registry, kind:str='retrain', # run kind
-             triggers:tuple=('schedule', 'monitor'), # runs started by these
-             statuses:tuple=_COUNTED, # runs in these states
-            )->dict|None:
-    "The newest matching run: the rate limit's 'last automatic retrain'"
-    q = _runs_where(sa.select(runs_table), kind, triggers, statuses).order_by(runs_table.c.started_at.desc(), runs_table.c.id.desc()).limit(1)
-    with self._read() as c: return _row(c.execute(q).first())
+               triggers:tuple=TRIGGERS, # runs started by these
+               statuses:tuple=RATE_LIMITED_STATUSES, # runs in these states
+               exclude:str='', # leave out this run id (the run asking)
+              )->list[datetime]:
+    "Start times of the matching runs, oldest first: what the retraining rate limit counts"
+    t = runs_table
+    q = sa.select(t.c.started_at).where(t.c.kind == _one_of(kind, RUN_KINDS, 'kind'), t.c.trigger.in_(list(triggers)),
+                                        t.c.status.in_(list(statuses)), t.c.id != exclude).order_by(t.c.started_at)
+    if since is not None: q = q.where(t.c.started_at >= utc(since, 'since'))
+    with self._read() as c: return list(c.execute(q).scalars())
 
 # %% ../nbs/30_registry.ipynb #bd364af5
 def _alive(pid:int)->bool:
@@ -394,10 +300,10 @@ def register_model(self:Registry, tag:str, # BentoML tag 'name:version'
                 raise RegistryError(f"model '{tag}' is already registered with artifact sha256 {old['artifact_sha256']}, "
                                     f"not {artifact_sha256}")
             return old
-        c.execute(sa.insert(models_table).values(tag=tag, name=_model_name(tag), run_id=run_id, stage=stage, created_at=_now(),
-                                           metrics=jsonable(metrics or {}, 'metrics'), data_fingerprint=data_fingerprint,
+        c.execute(sa.insert(models_table).values(tag=tag, name=_model_name(tag), run_id=run_id, stage=stage, created_at=utcnow(),
+                                           metrics=_stored(metrics or {}, 'metrics'), data_fingerprint=data_fingerprint,
                                            artifact_sha256=artifact_sha256, parent_tag=parent_tag,
-                                           reasons=jsonable(list(reasons or []), 'reasons')))
+                                           reasons=_stored(list(reasons or []), 'reasons')))
         return _get_model(c, tag)
 
 @patch
@@ -445,7 +351,7 @@ def _switch(c, name, tag, previous, actor, reason, kind)->dict:
     actor = actor or default_actor()
     if previous: c.execute(sa.update(models_table).where(models_table.c.tag == previous).values(stage='archived'))
     c.execute(sa.update(models_table).where(models_table.c.tag == tag).values(stage='champion'))
-    i = c.execute(sa.insert(promotions_table).values(name=name, tag=tag, previous_tag=previous, at=_now(), actor=actor,
+    i = c.execute(sa.insert(promotions_table).values(name=name, tag=tag, previous_tag=previous, at=utcnow(), actor=actor,
                                                 reason=reason, kind=kind)).inserted_primary_key[0]
     _audit(c, actor, 'rollback' if kind == 'rollback' else 'promote', tag, reason,
            dict(previous_tag=previous, kind=kind, promotion_id=i))
@@ -528,7 +434,7 @@ def set_stage(self:Registry, tag:str, # the model
         if m['stage'] == 'champion':
             raise RegistryError(f"'{tag}' is the champion of '{m['name']}': promote another model or roll back first")
         vals = dict(stage=stage)
-        if reasons is not None: vals['reasons'] = jsonable(list(reasons), 'reasons')
+        if reasons is not None: vals['reasons'] = _stored(list(reasons), 'reasons')
         c.execute(sa.update(models_table).where(models_table.c.tag == tag).values(**vals))
         _audit(c, actor, 'set_stage', tag, reason, {'from': m['stage'], 'to': stage, 'reasons': vals.get('reasons')})
         return _get_model(c, tag)
@@ -547,7 +453,7 @@ def set_holdout(self:Registry, name:str, # holdout name, e.g. the model name
     try:
         with self._write() as c:
             if (old := _get_holdout(c, name)) is not None: return old
-            c.execute(sa.insert(holdouts_table).values(name=name, path=str(path), sha256=sha256, rows=int(rows), created_at=_now(), run_id=run_id))
+            c.execute(sa.insert(holdouts_table).values(name=name, path=str(path), sha256=sha256, rows=int(rows), created_at=utcnow(), run_id=run_id))
             _audit(c, None, 'holdout.freeze', name, '', dict(path=str(path), sha256=sha256, rows=int(rows), run_id=run_id))
     except IntegrityError: pass # another process froze it first (databases without BEGIN IMMEDIATE)
     return self.get_holdout(name)

@@ -17,12 +17,14 @@ from .config import Settings, load_settings
 from .contract import ContractReport, check_contract, infer_contract, features
 from .data import DataError, file_sha256, fingerprint, read_table
 from .errors import RetrainRefused
-from .runs import new_run_id, write_json
+from .jsonsafe import write_json
+from .runs import new_run_id
 from .guards import Check, gate_decision, label_noise, poisoning_checks, rate_limit
 from .profile import profile
 from .registry import Registry, default_actor
 from .store import load_pipeline, model_name, save_pipeline, use_store
-from .train import check_metric, compare, evaluate, fit, fit_baseline, slice_metrics, split
+from .metrics import check_metric
+from .train import compare, evaluate, fit, fit_baseline, slice_metrics, split
 
 # %% auto #0
 __all__ = ['RetrainRun', 'begin', 'load', 'validate', 'golden_holdout', 'check_poisoning', 'train', 'assess', 'versions',
@@ -159,7 +161,7 @@ def assess(run:RetrainRun, pipe, baseline, test:pd.DataFrame, holdout:pd.DataFra
              baseline=evaluate(baseline, holdout, contract), slices=slice_metrics(pipe, holdout, contract, s.gate.slices))
     if run.champion_pipe is not None:
         m['champion'] = evaluate(run.champion_pipe, holdout, contract)
-        m['comparison'] = compare(pipe, run.champion_pipe, holdout, contract, check_metric(s.gate.primary_metric, contract['task']), seed=s.train.seed)
+        m['comparison'] = compare(pipe, run.champion_pipe, holdout, contract, check_metric(s.gate.primary_metric, contract['task'], '[gate] primary_metric'), seed=s.train.seed)
     run.summary['metrics'] = m
     return m
 
@@ -182,7 +184,7 @@ def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contra
     s = run.settings
     noise = label_noise(holdout, contract, pipe)  # the baseline later batches are compared with
     meta = dict(run_id=run.run_id, task=contract['task'], target=contract['target'], features=features(contract),
-                primary_metric=check_metric(s.gate.primary_metric, contract['task']), metrics=metrics,
+                primary_metric=check_metric(s.gate.primary_metric, contract['task'], '[gate] primary_metric'), metrics=metrics,
                 params=run.summary.get('model', {}), data=run.summary['data'], contract=contract,
                 profile=profile(df, contract), label_noise=noise, git_commit=_git_commit(s.root), versions=versions(),
                 trained_at=_utcnow().isoformat(), parent=run.champion['tag'] if run.champion else None)
@@ -195,7 +197,7 @@ def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contra
 def decide(run:RetrainRun, tag:str, checks:list[Check], metrics:dict)->dict:
     "Apply the gate: promote `tag`, keep it as a challenger, or reject it"
     s = run.settings
-    metric = check_metric(s.gate.primary_metric, run.summary.get('task') or (run.champion_meta or {}).get('task') or s.data.task)
+    metric = check_metric(s.gate.primary_metric, run.summary.get('task') or (run.champion_meta or {}).get('task') or s.data.task, '[gate] primary_metric')
     d = gate_decision(checks, metric, metrics['holdout'], metrics['baseline'], metrics.get('champion'), s.gate, metrics.get('comparison'))
     reason = '; '.join(d['reasons'])
     if d['decision'] == 'promote': run.registry.promote(tag, 'mlkit retrain', f"gate passed: {reason}", kind='gate')

@@ -4,22 +4,14 @@
 
 # %% ../nbs/39_runs.ipynb #8703d90b
 from __future__ import annotations
-import json, os, secrets
+import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['new_run_id', 'write_json']
+__all__ = ['new_run_id']
 
 # %% ../nbs/39_runs.ipynb #dc84c81a
 def new_run_id(kind:str='retrain')->str:
     "A sortable, unique run id: UTC time, job kind, random suffix"
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{kind}-{secrets.token_hex(3)}"
-
-def write_json(path:str|Path, obj)->Path:
-    "Write `obj` as JSON to `path` atomically (temporary file, then rename)"
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-    return path

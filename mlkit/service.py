@@ -14,16 +14,12 @@ import pandas as pd
 
 from .config import Settings
 from .contract import features
-from .errors import MlkitError
+from .errors import ServingError
 
 # %% auto #0
-__all__ = ['OPEN_PATHS', 'ServingError', 'check_record', 'validate_payload', 'record_notes', 'Variant', 'ServingState',
-           'predict_records', 'frame_to_records', 'bearer_ok', 'Gatekeeper', 'settle_heap', 'RequestTimeout',
-           'patch_bentoml_timeout']
-
-# %% ../nbs/50_service.ipynb #3d1b4931
-class ServingError(MlkitError):
-    "The service cannot load or use its models"
+__all__ = ['OPEN_PATHS', 'check_record', 'validate_payload', 'record_notes', 'Variant', 'serving_refs', 'ServingState',
+           'predict_outputs', 'log_rows', 'predict_records', 'frame_to_records', 'bearer_ok', 'Gatekeeper',
+           'settle_heap', 'RequestTimeout', 'patch_bentoml_timeout']
 
 # %% ../nbs/50_service.ipynb #4913fafc
 def _problem(index, field_, rule, message): return dict(index=index, field=field_, rule=rule, message=message)
@@ -126,7 +122,7 @@ class Variant:
                     data_fingerprint=(m.get('data') or {}).get('content_sha256'), trained_at=m.get('trained_at'),
                     run_id=m.get('run_id'), features=m.get('features'))
 
-def _from_registry(settings:Settings)->dict:
+def serving_refs(settings:Settings)->dict:
     "Champion and newest challenger tags (and sha256s) from the project's registry; empty when it has no champion"
     from mlkit.registry import Registry
     from mlkit.store import model_name
@@ -159,7 +155,7 @@ class ServingState:
         from mlkit.routing import Router
         from mlkit.store import load_pipeline, load_stored
         need_challenger = settings.serve.mode != 'champion'
-        refs, variants = _from_registry(settings), {}
+        refs, variants = serving_refs(settings), {}
         if refs:
             source = 'registry'
             for name in ('champion', 'challenger'):
@@ -186,7 +182,7 @@ class ServingState:
 def _py(v):
     return v.item() if isinstance(v, np.generic) else v
 
-def _outputs(variant:Variant, X:pd.DataFrame)->tuple[list, list|None]:
+def predict_outputs(variant:Variant, X:pd.DataFrame)->tuple[list, list|None]:
     p = variant.pipeline
     if variant.task == 'regression': return [float(v) for v in p.predict(X)], None
     proba = p.predict_proba(X)
@@ -194,7 +190,7 @@ def _outputs(variant:Variant, X:pd.DataFrame)->tuple[list, list|None]:
     pred = [classes[i] for i in proba.argmax(axis=1)]
     return pred, [{str(c): round(float(x), 6) for c, x in zip(classes, row)} for row in proba]
 
-def _log_rows(variant:Variant, recs, ids, entities, preds, probas, latency_ms, shadow=False):
+def log_rows(variant:Variant, recs, ids, entities, preds, probas, latency_ms, shadow=False):
     now = datetime.now(timezone.utc)
     feats = features(variant.contract)
     return [dict(request_id=i, ts=now, variant=variant.name, shadow=shadow, model_tag=variant.tag, entity=e,
@@ -221,7 +217,7 @@ def predict_records(state:ServingState, # what the worker serves
         variant = state.challenger if name == 'challenger' else state.champion
         recs = [records[k] for k in idx]
         t = time.perf_counter()
-        try: preds, probas = _outputs(variant, pd.DataFrame.from_records(recs))
+        try: preds, probas = predict_outputs(variant, pd.DataFrame.from_records(recs))
         except Exception:
             if name == 'champion': raise
             if observe: observe('challenger', False, (time.perf_counter() - t) * 1000, len(idx))
@@ -233,7 +229,7 @@ def predict_records(state:ServingState, # what the worker serves
             warn, ignored = record_notes(records[k], state.champion.contract)
             answers[k] = dict(request_id=ids[k], prediction=p, probabilities=pr, model=variant.tag, variant=name,
                               warnings=warn, ignored_fields=ignored)
-        rows += _log_rows(variant, recs, [ids[k] for k in idx], [entities[k] for k in idx], preds, probas, ms)
+        rows += log_rows(variant, recs, [ids[k] for k in idx], [entities[k] for k in idx], preds, probas, ms)
     if log is not None: log.log(rows)
     if state.challenger and state.router.shadow() and shadow is not None:  # requests that wait together are predicted together
         shadow.gather(state.challenger.tag, partial(_shadow_many, state.challenger, log, observe), (records, ids, entities))
@@ -245,13 +241,13 @@ def _shadow_many(variant, log, observe, items):
 
 def _shadow_predict(variant, records, ids, entities, log, observe=None):
     t = time.perf_counter()
-    try: preds, probas = _outputs(variant, pd.DataFrame.from_records(records))
+    try: preds, probas = predict_outputs(variant, pd.DataFrame.from_records(records))
     except Exception:
         if observe: observe('challenger', False, (time.perf_counter() - t) * 1000, len(records))
         raise
     ms = (time.perf_counter() - t) * 1000
     if observe: observe('challenger', True, ms, len(records))
-    if log is not None: log.log(_log_rows(variant, records, ids, entities, preds, probas, ms, shadow=True))
+    if log is not None: log.log(log_rows(variant, records, ids, entities, preds, probas, ms, shadow=True))
 
 # %% ../nbs/50_service.ipynb #612c3c89
 def frame_to_records(df:pd.DataFrame)->list[dict]:

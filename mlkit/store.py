@@ -8,19 +8,12 @@ import hashlib, os, re, shutil, socket, sys, tempfile, time
 from pathlib import Path
 from typing import Any
 
-from .errors import MlkitError
-from .registry import jsonable
+from .errors import ModelIntegrityError, StoreError
+from .jsonsafe import jsonable
 
 # %% auto #0
-__all__ = ['ARTIFACT', 'TRUSTED_TYPES', 'STAGING', 'StoreError', 'ModelIntegrityError', 'store_home', 'use_store', 'safe_name',
-           'model_name', 'save_pipeline', 'model_info', 'load_pipeline', 'load_stored', 'list_store', 'delete_model']
-
-# %% ../nbs/31_store.ipynb #7ea95d08
-class StoreError(MlkitError):
-    "The model store cannot do what was asked: unknown tag, bad name or metadata, object skops cannot save"
-
-class ModelIntegrityError(StoreError):
-    "A stored model failed a check before loading: missing or damaged file, sha256 mismatch, untrusted types"
+__all__ = ['ARTIFACT', 'TRUSTED_TYPES', 'STAGING', 'store_home', 'use_store', 'safe_name', 'model_name', 'save_pipeline',
+           'model_info', 'load_pipeline', 'load_stored', 'list_store', 'delete_model']
 
 # %% ../nbs/31_store.ipynb #51423013
 def store_home(settings)->Path:

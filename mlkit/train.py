@@ -15,19 +15,14 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
-from sklearn import metrics as skm
 
 from .contract import coerce_features, features
-from .errors import MlkitError, SettingsError
+from .errors import SettingsError, TrainError
+from .metrics import check_metric, improvement, score
 
 # %% auto #0
-__all__ = ['MODELS', 'CLASSIFICATION_METRICS', 'REGRESSION_METRICS', 'HIGHER_IS_BETTER', 'TrainError', 'ContractCaster',
-           'make_estimator', 'build_pipeline', 'split', 'fit', 'check_metric', 'score', 'evaluate', 'slice_metrics',
-           'fit_baseline', 'improvement', 'compare']
-
-# %% ../nbs/20_train.ipynb #cc3f5d70
-class TrainError(MlkitError):
-    "The model cannot be built or fitted as asked"
+__all__ = ['MODELS', 'ContractCaster', 'make_estimator', 'build_pipeline', 'split', 'fit', 'evaluate', 'slice_metrics',
+           'fit_baseline', 'compare']
 
 # %% ../nbs/20_train.ipynb #80088002
 def _plain_values(s:pd.Series, kind:str)->np.ndarray|pd.Series|None:
@@ -129,29 +124,6 @@ def fit(df:pd.DataFrame, contract:dict, model:str='hist_gradient_boosting', seed
     return build_pipeline(contract, model, seed, params).fit(df, y)
 
 # %% ../nbs/20_train.ipynb #2e5d86c6
-CLASSIFICATION_METRICS, REGRESSION_METRICS = ('roc_auc', 'accuracy', 'f1', 'log_loss'), ('rmse', 'mae', 'r2')
-HIGHER_IS_BETTER = dict(roc_auc=True, accuracy=True, f1=True, log_loss=False, rmse=False, mae=False, r2=True)
-
-def check_metric(metric:str, task:str)->str:
-    "`metric` if it suits `task`, else a `SettingsError` naming [gate] primary_metric"
-    ok = CLASSIFICATION_METRICS if task == 'classification' else REGRESSION_METRICS
-    if metric not in ok: raise SettingsError(f"[gate] primary_metric = {metric!r} does not suit a {task} task; expected one of {', '.join(ok)}")
-    return metric
-
-def score(y_true, pred, proba=None, classes=None, task:str='classification')->dict:
-    "Metrics of predictions `pred` (and class probabilities `proba`) against `y_true`"
-    y_true = np.asarray(y_true)
-    if task == 'regression':
-        return dict(rmse=float(np.sqrt(skm.mean_squared_error(y_true, pred))), mae=float(skm.mean_absolute_error(y_true, pred)),
-                    r2=float(skm.r2_score(y_true, pred)) if len(y_true) > 1 else None, n=int(len(y_true)))
-    res = dict(accuracy=float(skm.accuracy_score(y_true, pred)), n=int(len(y_true)))
-    binary = len(classes) == 2
-    res['f1'] = float(skm.f1_score(y_true, pred, average='binary' if binary else 'macro', pos_label=classes[1] if binary else 1, labels=classes if not binary else None, zero_division=0))
-    try: res['roc_auc'] = float(skm.roc_auc_score(y_true, proba[:, 1]) if binary else skm.roc_auc_score(y_true, proba, multi_class='ovr', labels=classes))
-    except ValueError: res['roc_auc'] = None  # one class only in y_true
-    res['log_loss'] = float(skm.log_loss(y_true, proba, labels=classes))
-    return res
-
 def evaluate(pipe:Pipeline, df:pd.DataFrame, contract:dict)->dict:
     "Metrics of `pipe` on the labeled rows of `df`"
     df = df[df[contract['target']].notna()]
@@ -175,11 +147,6 @@ def fit_baseline(df:pd.DataFrame, contract:dict)->Pipeline:
     df = df[df[contract['target']].notna()]
     est = DummyClassifier(strategy='prior') if contract['task'] == 'classification' else DummyRegressor(strategy='mean')
     return Pipeline([('cast', ContractCaster(contract)), ('model', est)]).fit(df, df[contract['target']])
-
-def improvement(metric:str, new:float|None, old:float|None)->float|None:
-    "How much better `new` is than `old` on `metric` (positive: better)"
-    if new is None or old is None: return None
-    return (new - old) if HIGHER_IS_BETTER[metric] else (old - new)
 
 # %% ../nbs/20_train.ipynb #aa73817e
 def _outputs(pipe, df, contract):

@@ -10,7 +10,8 @@ from conftest import ROOT
 from mlkit import datasets
 from mlkit.config import load_settings
 from mlkit.jobs import scratch_project
-from mlkit.monitor import log_traffic, run_steps as monitor_steps
+from mlkit.monitor import run_steps as monitor_steps
+from mlkit.simulate import log_traffic
 from mlkit.predlog import PredictionLog
 from mlkit.registry import Registry
 from mlkit.retrain import run_steps as retrain_steps

@@ -13,7 +13,7 @@ from conftest import BIN, ROOT
 from mlkit import datasets
 from mlkit.config import load_settings
 from mlkit.jobs import scratch_project
-from mlkit.monitor import log_traffic
+from mlkit.simulate import log_traffic
 from mlkit.registry import Registry
 from mlkit.retrain import run_steps
 
