@@ -27,7 +27,8 @@ from .db import UTCDateTime, make_engine, time_window, utcnow, write_transaction
 from .jsonsafe import jsonable, to_plain
 
 # %% auto #0
-__all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'EXIT_TIMEOUT_S', 'PredictionLog', 'export_cli']
+__all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'EXIT_TIMEOUT_S', 'FEEDBACK_KEYS', 'PredictionLog',
+           'check_feedback', 'export_cli']
 
 # %% ../nbs/51_predlog.ipynb #7dd2d110
 _logger = logging.getLogger('mlkit.predlog')
@@ -497,6 +498,33 @@ def read(self:PredictionLog, since:datetime|date|str|None=None, # from this time
     if not parts: return _frame([], _READ_COLS + (['features'] if with_features else []), True)
     return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
+# %% ../nbs/51_predlog.ipynb #baeaf4ec
+FEEDBACK_KEYS = ('request_id', 'label')
+
+def _feedback_problem(index, field_, rule, message): return dict(index=index, field=field_, rule=rule, message=message)
+
+def check_feedback(items:list, # feedback items as parsed from JSON: {'request_id': str, 'label': JSON value}
+                  )->tuple[dict, list[dict]]:
+    "The labels as JSON text by request id, and the problems of the items (index, field, rule, message), empty when all are valid"
+    labels, problems = {}, []
+    for i, it in enumerate(items):
+        if not isinstance(it, dict):
+            problems.append(_feedback_problem(i, None, 'type', f"feedback item {i}: expected an object with request_id and label, got {type(it).__name__}")); continue
+        if missing := [k for k in FEEDBACK_KEYS if k not in it]:
+            problems += [_feedback_problem(i, k, 'required', f"feedback item {i}: missing '{k}'") for k in missing]; continue
+        try: rid = _text(it['request_id'], 'request_id', f"feedback item {i}")
+        except PredictionLogError as e: problems.append(_feedback_problem(i, 'request_id', 'type', str(e))); continue
+        if extra := it.keys() - set(FEEDBACK_KEYS):
+            problems.append(_feedback_problem(i, sorted(map(str, extra))[0], 'unknown', f"feedback item {i} (request_id {rid!r}): unknown key(s) {', '.join(sorted(map(str, extra)))}; an item has request_id and label"))
+            continue
+        lab = it['label']
+        try: text = _json_text(lab, f"feedback item {i} (request_id {rid!r}): label")
+        except PredictionLogError as e: problems.append(_feedback_problem(i, 'label', 'type', str(e))); continue
+        if text == 'null':  # None, NaN or inf: a label that says nothing must not erase one that was given
+            problems.append(_feedback_problem(i, 'label', 'not_null', f"feedback item {i} (request_id {rid!r}): label must be a value, got {lab!r}")); continue
+        labels[rid] = text
+    return labels, problems
+
 # %% ../nbs/51_predlog.ipynb #416ebd99
 def _chunked(xs:list, n:int=500)->Iterator[list]:
     for i in range(0, len(xs), n): yield xs[i:i + n]
@@ -508,15 +536,8 @@ def feedback(self:PredictionLog, items:list[dict], # {'request_id': str, 'label'
              )->dict:
     "Attach delayed labels to logged predictions; returns dict(joined=[ids], unknown=[ids])"
     if isinstance(items, dict): raise PredictionLogError("feedback() takes a list of items (dicts), got one dict; wrap it in a list")
-    labels = {}
-    for i, it in enumerate(items):
-        if not isinstance(it, dict) or 'request_id' not in it or 'label' not in it:
-            raise PredictionLogError(f"feedback item {i}: expected a dict with request_id and label, got {it!r:.80}")
-        rid = _text(it['request_id'], 'request_id', f"feedback item {i}")
-        if extra := it.keys() - {'request_id', 'label'}:
-            raise PredictionLogError(f"feedback item {i} (request_id {rid!r}): unknown key(s) {', '.join(sorted(map(str, extra)))}")
-        lab = it['label']
-        labels[rid] = None if lab is None else _json_text(lab, f"feedback item {i} (request_id {rid!r}): label")
+    labels, problems = check_feedback(items)
+    if problems: raise PredictionLogError('; '.join(p['message'] for p in problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ''))
     if not labels: return dict(joined=[], unknown=[])
     self.flush(flush_timeout) # (also starts afresh in a forked process)
     t, ids, now = predictions_table, list(labels), utcnow()
