@@ -153,7 +153,7 @@ def monitoring_tour(settings:Settings)->dict:
         if s.get('ab'): print(f"  A/B: {s['ab']['detail']}")
         print(f"  report: {s['report']}")
     reg = Registry.from_settings(settings)
-    today = [r for r in reg.list_runs(200, kind='retrain') if r['status'] in ('running', 'succeeded', 'failed') and r['started_at'] > t2 - timedelta(hours=24)]
+    today = reg.run_starts('retrain', since=now() - timedelta(hours=24))  # what the rate limit counts
     print(f"\n== the guarded retrain trigger: [monitor] auto_retrain on, and the rate limit set to allow one more retrain today "
           f"({len(today)} so far): the first drift verdict retrains, the second is refused", flush=True)
     with patch.dict(os.environ, MLKIT_MONITOR_AUTO_RETRAIN='true', MLKIT_SCHEDULE_MIN_RETRAIN_INTERVAL_HOURS='0',

@@ -10,30 +10,27 @@ from pathlib import Path
 # jsonschema (through nbformat) imports rfc3987-syntax when it is installed, which compiles an Earley grammar at
 # import time (about 2 s here) only to check the `iri` string format, which notebooks never use. Jobs skip it.
 sys.modules.setdefault('rfc3987_syntax', None)
+import jinja2
 import nbformat
 import papermill as pm
 from jupyter_client.manager import AsyncKernelManager
+from nbconvert import HTMLExporter
+from papermill.exceptions import PapermillExecutionError
 from traitlets import CaselessStrEnum
 
-import mlkit
-from .config import Settings, load_settings
+from .config import Settings, find_settings, load_settings
+from .db import time_window
 from .errors import MlkitError, JobFailed, RetrainRefused
 from .jsonsafe import write_json
-from .runs import new_run_id
+from .runs import job_notebook, new_run_id, one_line, record_failure
 
 # %% auto #0
-__all__ = ['job_notebook', 'job_parameters', 'cast_parameters', 'JobKernelManager', 'run_job', 'retrain', 'monitor',
-           'scratch_project']
+__all__ = ['job_parameters', 'cast_parameters', 'first_error', 'JobKernelManager', 'run_job', 'notebook_to_html', 'retrain',
+           'monitor', 'scratch_project']
 
 # %% ../nbs/41_jobs.ipynb #037174ed
-def job_notebook(name:str, settings:Settings|None=None)->Path:
-    "Path of the job notebook `name` (the project's `nbs/jobs/`, else the one next to the mlkit sources)"
-    places = ([settings.root/'nbs'/'jobs'] if settings else []) + [Path(mlkit.__file__).resolve().parents[1]/'nbs'/'jobs']
-    for d in places:
-        if (d/f'{name}.ipynb').is_file(): return d/f'{name}.ipynb'
-    raise MlkitError(f"job notebook {name}.ipynb not found in {' or '.join(map(str, places))}")
-
-def job_parameters(nb:Path)->dict:
+def job_parameters(nb:Path, # a job notebook
+                  )->dict:
     "The parameters a job notebook declares: name -> dict(type, default, help)"
     return {k: dict(type=v['inferred_type_name'], default=v['default'], help=v['help']) for k, v in pm.inspect_notebook(str(nb)).items()}
 
@@ -57,17 +54,19 @@ def cast_parameters(given:dict, # name -> value (text from the command line, or 
         except (ValueError, KeyError): raise MlkitError(f"job parameter '{k}': expected {tp}, got {v!r}") from None
     return out
 
-# %% ../nbs/41_jobs.ipynb #ff3931eb
-def _error_line(nb_path:Path)->str:
-    "One line describing the first error in an executed notebook"
+# %% ../nbs/41_jobs.ipynb #329515b7
+def first_error(nb_path:Path, # an executed notebook
+               )->dict:
+    "The first error an executed notebook holds: cell_index, ename, evalue (empty when it holds none)"
     try: nb = nbformat.read(nb_path, as_version=4)
-    except Exception: return ''
-    for c in nb.cells:
+    except Exception: return {}
+    for i, c in enumerate(nb.cells):
         for o in c.get('outputs', []):
             if o.get('output_type') == 'error' and o.get('ename') != 'PapermillExecutionError':
-                return f"{o['ename']}: {o['evalue']}".strip().splitlines()[0][:500] if o['evalue'] else o['ename']
-    return ''
+                return dict(cell_index=i, ename=o['ename'], evalue=str(o.get('evalue') or ''))
+    return {}
 
+# %% ../nbs/41_jobs.ipynb #37b31a3a
 class JobKernelManager(AsyncKernelManager):
     "Kernel manager of job runs: IPC transport (no TCP port opened), and remembered so a run past its timeout can be stopped"
     transport = CaselessStrEnum(['tcp', 'ipc'], default_value='ipc', config=True)
@@ -117,16 +116,36 @@ def run_job(name:str, # job notebook name in nbs/jobs/ (retrain, monitor)
         del JobKernelManager.live[started:]
     summary_path = run_dir/'summary.json'
     if error is None and summary_path.is_file(): return json.loads(summary_path.read_text())
-    from mlkit.registry import Registry
-    reg = Registry.from_settings(settings)
-    row = reg.get_run(run_id)
-    if row and row['status'] == 'refused': raise RetrainRefused(f"retrain {run_id} refused by the {row['reason']}")
+    info = dict(cell_index=error.cell_index, ename=error.ename, evalue=error.evalue) if isinstance(error, PapermillExecutionError) else first_error(out)
     if timed_out.is_set(): reason = f"timed out after {timeout_s:g} s ([train] timeout_s)"
-    else: reason = _error_line(out) or f"{type(error).__name__}: {error}".splitlines()[0][:500]
-    if row is None: reg.start_run(run_id, 'retrain' if name == 'retrain' else 'monitor', params)
-    if row is None or row['status'] == 'running': reg.finish_run(run_id, 'failed', reason, notebook=str(out))
-    write_json(summary_path, dict(run_id=run_id, status='failed', reason=reason, notebook=str(out)))
-    raise JobFailed(f"run {run_id} failed: {reason}\n  record: {out}")
+    elif info.get('ename'): reason = f"{info['ename']}: {info['evalue']}".strip().splitlines()[0][:500] if info['evalue'] else info['ename']
+    else: reason = one_line(error) if error else 'the notebook wrote no summary.json'
+    refused = record_failure(settings, name, run_id, reason, out, params)
+    if refused: raise RetrainRefused(f"retrain {run_id} refused by the {refused['reason']}")
+    raise JobFailed(run_id, reason, str(out), **info)
+
+# %% ../nbs/41_jobs.ipynb #62d05066
+_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+def notebook_to_html(notebook:str|Path, # an executed notebook
+                     html:str|Path, # where to write the report
+                     title:str='', # the page's title (default: the notebook's name)
+                    )->Path:
+    "Write an executed notebook as a self-contained HTML report without code cells"
+    nb = nbformat.read(str(notebook), as_version=4)
+    if title: nb.metadata['title'] = title
+    ex = HTMLExporter(extra_loaders=[jinja2.DictLoader({'mlkit_report.html.j2': _TEMPLATE})], template_file='mlkit_report.html.j2',
+                      exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True)
+    body, _ = ex.from_notebook_node(nb)
+    html = Path(html)
+    tmp = html.with_name(f".{html.name}.tmp")
+    tmp.write_text(body, encoding='utf-8')
+    os.replace(tmp, html)
+    return html
 
 # %% ../nbs/41_jobs.ipynb #324cc112
 def retrain(data:str|None=None, # CSV or Parquet path or builtin:NAME (default: [data] source)
@@ -153,8 +172,6 @@ def monitor(since:str|None=None, # start of the window, ISO date or time (defaul
             progress:bool=True, # show papermill's progress bar
            )->dict:
     "Run the monitoring job notebook with papermill, then write its `report.html`; return its summary"
-    from mlkit.db import time_window
-    from mlkit.report import notebook_to_html
     time_window(since, until) # a bad window fails before a run starts
     s = load_settings(settings_path)
     p = dict(params or {})
@@ -174,7 +191,6 @@ def scratch_project(settings_path:str|Path|None=None, # settings.ini to copy (de
                     folder:str|Path|None=None, # where to put the copy (default: a new temporary folder)
                    )->Path:
     "Copy settings.ini into a scratch folder with its own state folder; return the copy's path"
-    from mlkit.config import find_settings
     src = Path(settings_path) if settings_path else find_settings()
     d = Path(folder) if folder else Path(tempfile.mkdtemp(prefix='mlkit-scratch-'))
     d.mkdir(parents=True, exist_ok=True)

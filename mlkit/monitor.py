@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import union_categoricals
 
-from .config import Settings, load_settings
+from .config import Settings
 from .contract import coerce_features, features, as_category
 from .data import read_table
 from .errors import JobFailed, MlkitError, MonitorError, RetrainRefused
@@ -21,16 +21,16 @@ from .jobs import retrain
 from .db import time_window
 from .predlog import PredictionLog
 from .registry import Registry, default_actor
-from .jsonsafe import to_records, write_json
-from .runs import new_run_id
-from .store import load_pipeline, model_info, model_name, use_store
+from .jsonsafe import to_records
+from .runs import JobRun, load_champion, run_inline, start, succeed
+from .store import model_info, model_name
 from .metrics import check_metric
 from . import abtest, drift, quality
 
 # %% auto #0
 __all__ = ['LEVELS', 'EXIT_STATUS', 'coerce_logged', 'LogWindow', 'read_log', 'Finding', 'MonitorRun', 'thresholds',
-           'holdout_eval', 'begin', 'measure_drift', 'quality_check', 'measure_quality', 'measure_staleness',
-           'measure_ab', 'measure_operations', 'verdict', 'trigger_retrain', 'finish', 'fail', 'run_steps']
+           'holdout_eval', 'begin', 'measure_drift', 'compare_with_holdout', 'measure_quality', 'measure_staleness',
+           'measure_ab', 'measure_operations', 'verdict', 'trigger_retrain', 'finish', 'run_steps']
 
 # %% ../nbs/63_monitor.ipynb #2acb65e3
 _META = ('request_id', 'ts', 'variant', 'shadow', 'model_tag', 'entity', 'prediction', 'latency_ms', 'status', 'label', 'label_at')
@@ -106,25 +106,18 @@ class Finding:
     detail: str
 
 @dataclass
-class MonitorRun:
-    "One monitoring run: settings, registry, window, the models it compares with, its findings and summary"
-    settings: Settings
-    registry: Registry
-    run_id: str
-    run_dir: Path
-    trigger: str
-    since: datetime|None
-    until: datetime
-    champion: dict # the champion's registry row
-    champion_pipe: object
-    champion_meta: dict
-    reference: dict # tag and metadata of the reference model (the champion by default)
-    thresholds: dict
+class MonitorRun(JobRun):
+    "A monitoring run: a `JobRun` with its window, the models it compares with, its thresholds and findings"
+    since: datetime|None = None
+    until: datetime|None = None
+    champion: dict|None = None # the champion's registry row
+    champion_pipe: object = None
+    champion_meta: dict|None = None
+    reference: dict|None = None # tag and metadata of the reference model (the champion by default)
+    thresholds: dict = field(default_factory=dict)
     holdout: dict|None = None # the champion on the golden holdout (`holdout_eval`)
     findings: list = field(default_factory=list)
     notes: list = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
     models: dict = field(default_factory=dict) # tag -> metadata, for the models that answered
 
     @property
@@ -133,6 +126,10 @@ class MonitorRun:
     def profile(self)->dict: return self.reference['metadata']['profile']
     @property
     def metric(self)->str: return check_metric(self.settings.gate.primary_metric, self.contract['task'], '[gate] primary_metric')
+    @property
+    def window_text(self)->str:
+        "The window in words, e.g. '2026-03-05 00:00 to 2026-03-06 00:00 UTC'"
+        return f"{self.since:%Y-%m-%d %H:%M} to {self.until:%Y-%m-%d %H:%M} UTC" if self.since else f"up to {self.until:%Y-%m-%d %H:%M} UTC"
 
     def add(self, level:str, kind:str, subject:str, detail:str):
         "Record a finding (level warn or retrain) or, with level 'note', a note"
@@ -196,40 +193,28 @@ def begin(settings_path:str='', # settings.ini ('' = $MLKIT_SETTINGS or the near
           params:dict|None=None, # the job's parameters, recorded with the run
           **overrides, # thresholds (see `thresholds`)
          )->MonitorRun:
-    "Load settings, the champion and the reference model, resolve the window and record the run's start"
-    settings = load_settings(settings_path or None)
-    use_store(settings)
-    th = thresholds(settings, **overrides)
-    reg = Registry.from_settings(settings)
-    reg.reap_stale_runs()
+    "Open the run, resolve the window and thresholds, load the champion and the reference model, record the start"
     s, u = time_window(since or None, until or None)
-    u = u or datetime.now(timezone.utc)
-    if s is None and (prev := _previous_end(settings, reg)) is not None and prev < u: s = prev
-    name = model_name(settings)
-    champ = reg.champion(name) if reg.list_models(name) else None
-    if champ is None: raise MonitorError(f"no champion in the registry of {settings.state_dir}: run `mlkit retrain` first, then serve it")
-    run_id = run_id or new_run_id('monitor')
-    run_dir = settings.state_dir/'runs'/run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    reg.start_run(run_id, 'monitor', params or {}, trigger if trigger in ('manual', 'schedule') else 'manual')
-    pipe, info = load_pipeline(champ['tag'], settings, champ['artifact_sha256'])
-    if reference_model and reference_model != champ['tag']:
-        try: ref = model_info(reference_model, settings)
+    run = MonitorRun.open('monitor', settings_path, run_id, trigger if trigger in ('manual', 'schedule') else 'manual', params)
+    run.thresholds = thresholds(run.settings, **overrides)
+    run.until = u or datetime.now(timezone.utc)
+    if s is None and (prev := _previous_end(run.settings, run.registry)) is not None and prev < run.until: s = prev
+    run.since = s
+    run.champion, run.champion_pipe, run.champion_meta = load_champion(run)
+    if run.champion is None: raise MonitorError(f"no champion in the registry of {run.settings.state_dir}: run `mlkit retrain` first, then serve it")
+    if reference_model and reference_model != run.champion['tag']:
+        try: ref = model_info(reference_model, run.settings)
         except MlkitError as e: raise MonitorError(f"reference model: {e}") from None
-    else: ref = info
-    run = MonitorRun(settings, reg, run_id, run_dir, trigger, s, u, champ, pipe, info['metadata'],
-                     dict(tag=ref['tag'], metadata=ref['metadata']), th)
-    run.models[info['tag']] = info['metadata']
+        run.reference = dict(tag=ref['tag'], metadata=ref['metadata'])
+    else: run.reference = dict(tag=run.champion['tag'], metadata=run.champion_meta)
+    run.models[run.champion['tag']] = run.champion_meta
+    start(run, window=dict(since=s.isoformat() if s else None, until=run.until.isoformat()), champion=run.champion['tag'],
+          reference_model=run.reference['tag'], thresholds=run.thresholds)
+    run.summary['trigger'] = trigger
     run.holdout = holdout_eval(run)
-    run.summary.update(run_id=run_id, kind='monitor', status='running', trigger=trigger, started_at=datetime.now(timezone.utc).isoformat(),
-                       window=dict(since=s.isoformat() if s else None, until=u.isoformat()), champion=champ['tag'],
-                       reference_model=ref['tag'], thresholds=th, params=params or {})
     return run
 
 # %% ../nbs/63_monitor.ipynb #0cb20d42
-def _window_text(run:MonitorRun)->str:
-    return f"{run.since:%Y-%m-%d %H:%M} to {run.until:%Y-%m-%d %H:%M} UTC" if run.since else f"up to {run.until:%Y-%m-%d %H:%M} UTC"
-
 def _freq(times:pd.Series)->str:
     "Hourly windows for up to three days of traffic, daily ones beyond"
     if len(times) == 0: return 'D'
@@ -249,7 +234,7 @@ def measure_drift(run:MonitorRun, win:LogWindow)->dict:
     X, rows = win.X[served], win.rows[served]
     res = dict(rows=int(served.sum()), features=None, over_time=None, prediction=None, label=None, skew=[], invariants=[])
     if res['rows'] < th['min_rows']:
-        run.add('warn', 'traffic', '', f"only {res['rows']} predictions from {_window_text(run)}: too few to judge drift (min_rows {th['min_rows']})")
+        run.add('warn', 'traffic', '', f"only {res['rows']} predictions from {run.window_text}: too few to judge drift (min_rows {th['min_rows']})")
         return res
     # skew: each answering model against its own training profile
     for tag in rows['model_tag'].unique():
@@ -294,7 +279,7 @@ def measure_drift(run:MonitorRun, win:LogWindow)->dict:
     return res
 
 # %% ../nbs/63_monitor.ipynb #7f58ead6
-def quality_check(overall:dict, # the live metric, from `mlkit.quality.quality_overall`
+def compare_with_holdout(overall:dict, # the live metric, from `mlkit.quality.quality_overall`
                   offline:dict|None, # the model's metric on the golden holdout, from `mlkit.quality.metric_ci`
                   metric:str, max_drop:float, # the metric and the largest acceptable worsening
                   p_value:float=0.01, # significance level
@@ -324,7 +309,7 @@ def measure_quality(run:MonitorRun, win:LogWindow)->dict:
     overall = quality.quality_overall(rows, c, metric, alpha=0.05)
     res = dict(metric=metric, offline=offline, overall=overall, freq=_freq(rows['ts']))
     res['by_window'] = quality.quality_by_window(rows, c, metric, res['freq'], alpha=0.05)
-    res['check'] = quality_check(overall, offline, metric, run.thresholds['quality_drop'], run.thresholds['p_value'])
+    res['check'] = compare_with_holdout(overall, offline, metric, run.thresholds['quality_drop'], run.thresholds['p_value'])
     if res['check']['level'] == 'alert': run.add('retrain', 'quality', run.champion['tag'], f"quality: {res['check']['detail']}")
     else: run.add('note', 'quality', run.champion['tag'], f"quality: {res['check']['detail']}")
     shadow = win.rows[~win.served]
@@ -412,44 +397,26 @@ def trigger_retrain(run:MonitorRun, # a run whose verdict is known
 
 # %% ../nbs/63_monitor.ipynb #d9f4c2ab
 def finish(run:MonitorRun, **measures)->dict:
-    "Record the run as succeeded with its verdict; write summary.json; return the summary"
+    "Record the run as succeeded with its verdict and measures; write summary.json; return the summary"
     if 'verdict' not in run.summary: verdict(run)
-    now = datetime.now(timezone.utc)
     if 'drift' in measures: measures['drift'] = {k: v for k, v in measures['drift'].items() if k != 'prediction_scores'}  # arrays for the plot
     run.summary.update({k: to_records(v) for k, v in measures.items()})
-    run.summary.update(status='succeeded', finished_at=now.isoformat(), duration_s=round(time.perf_counter() - run.started, 3),
-                       peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                       exit_status=EXIT_STATUS[run.summary['verdict']])
-    write_json(run.run_dir/'summary.json', run.summary)
+    run.summary.update(peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), exit_status=EXIT_STATUS[run.summary['verdict']])
     q = (run.summary.get('quality') or {}).get('overall') or {}
-    run.registry.finish_run(run.run_id, 'succeeded', run.summary['line'][:2000], decision=run.summary['verdict'], model_tag=run.champion['tag'],
-                            metrics={run.metric: q.get('value'), 'ci_low': q.get('low'), 'ci_high': q.get('high'),
-                                     'labeled_share': q.get('labeled_share'), 'rows': run.summary.get('rows')})
-    return run.summary
-
-def fail(run:MonitorRun, error:BaseException)->dict:
-    "Record the run as failed with a one-line reason; write summary.json"
-    reason = f"{type(error).__name__}: {error}".strip().splitlines()[0][:500]
-    run.summary.update(status='failed', reason=reason, finished_at=datetime.now(timezone.utc).isoformat())
-    write_json(run.run_dir/'summary.json', to_records(run.summary))
-    run.registry.finish_run(run.run_id, 'failed', reason)
-    return run.summary
+    return succeed(run, run.summary['line'][:2000], decision=run.summary['verdict'], model_tag=run.champion['tag'],
+                   metrics={run.metric: q.get('value'), 'ci_low': q.get('low'), 'ci_high': q.get('high'),
+                            'labeled_share': q.get('labeled_share'), 'rows': run.summary.get('rows')})
 
 # %% ../nbs/63_monitor.ipynb #ef55f31d
-def run_steps(settings_path:str='', since:str='', until:str='', reference_model:str='', run_id:str='',
-              retrain_data:str='', auto_retrain:bool|None=None, **overrides)->dict:
-    "Every monitoring step in this process (the job notebook without the plots); returns the summary"
-    run = begin(settings_path, run_id, since, until, reference_model, params=dict(since=since, until=until), **overrides)
-    try:
-        win = read_log(PredictionLog.from_settings(run.settings), run.contract, run.since, run.until)
-        run.summary.update(rows=len(win), read_s=round(win.read_s, 2))
-        d = measure_drift(run, win)
-        q = measure_quality(run, win)
-        st = measure_staleness(run)
-        ab = measure_ab(run, win)
-        ops = measure_operations(run, win)
-        verdict(run)
-        trigger_retrain(run, retrain_data, auto_retrain)
-        return finish(run, drift=d, quality=q, staleness=st, ab=ab, operations=ops)
-    except Exception as e:
-        fail(run, e); raise
+def run_steps(settings_path:str='', # settings.ini ('' = $MLKIT_SETTINGS or the nearest one)
+              since:str='', # start of the window ('' = where the last monitoring run ended)
+              until:str='', # end of the window, exclusive ('' = now)
+              reference_model:str='', # tag of the reference model ('' = the champion)
+              run_id:str='', # id of the run ('' = a new one)
+              retrain_data:str='', # training data of a triggered retraining run ('' = [data] source)
+              auto_retrain:bool|None=None, # start the retraining job on a `retrain` verdict (None = [monitor] auto_retrain)
+              **overrides, # thresholds: psi_warn, psi_alert, p_value, quality_drop, min_rows
+             )->dict:
+    "The monitoring job notebook run in this process (`mlkit.runs.run_inline`); returns the summary"
+    return run_inline('monitor', dict(settings_path=settings_path, since=since, until=until, reference_model=reference_model, run_id=run_id,
+                                      retrain_data=retrain_data, auto_retrain='' if auto_retrain is None else str(bool(auto_retrain)).lower(), **overrides))

@@ -4,48 +4,45 @@
 
 # %% ../nbs/40_retrain.ipynb #73fe9650
 from __future__ import annotations
-import os, platform, subprocess
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+import json, os, platform, subprocess
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import mlkit
-from .config import Settings, load_settings
 from .contract import ContractReport, check_contract, infer_contract, features
-from .data import DataError, file_sha256, fingerprint, read_table
-from .errors import RetrainRefused
-from .jsonsafe import write_json
-from .runs import new_run_id
+from .data import file_sha256, fingerprint, read_table
+from .db import utcnow
+from .errors import DataError, RetrainRefused
 from .guards import Check, gate_decision, label_noise, poisoning_checks, rate_limit
-from .profile import profile
-from .registry import Registry, default_actor
-from .store import load_pipeline, model_name, save_pipeline, use_store
+from .jsonsafe import write_json
 from .metrics import check_metric
+from .profile import profile
+from .registry import default_actor
+from .runs import JobRun, load_champion, refuse, run_inline, start, succeed
+from .store import model_name, save_pipeline
 from .train import compare, evaluate, fit, fit_baseline, slice_metrics, split
 
 # %% auto #0
 __all__ = ['RetrainRun', 'begin', 'load', 'validate', 'golden_holdout', 'check_poisoning', 'train', 'assess', 'versions',
-           'register', 'decide', 'finish', 'run_steps', 'fail']
+           'register', 'decide', 'finish', 'run_steps']
 
 # %% ../nbs/40_retrain.ipynb #5187884e
-def _utcnow(): return datetime.now(timezone.utc)
-
 @dataclass
-class RetrainRun:
-    settings: Settings
-    registry: Registry
-    run_id: str
-    run_dir: Path
-    trigger: str
-    forced: bool
-    params: dict
+class RetrainRun(JobRun):
+    "A retraining run: a `JobRun` with the champion it started from"
     champion: dict|None = None # registry row of the champion when the run began
     champion_meta: dict|None = None # its stored metadata (contract, profile, label noise, metrics)
     champion_pipe: object = None # its pipeline, checked against its sha256
-    summary: dict = field(default_factory=dict)
+
+    @property
+    def metric(self)->str:
+        "The primary metric, checked against the task of the data (or of the champion)"
+        task = self.summary.get('task') or (self.champion_meta or {}).get('task') or self.settings.data.task
+        return check_metric(self.settings.gate.primary_metric, task, '[gate] primary_metric')
 
 # %% ../nbs/40_retrain.ipynb #d3664a40
 def begin(settings_path:str='', # settings.ini ('' = $MLKIT_SETTINGS or the nearest one)
@@ -54,33 +51,19 @@ def begin(settings_path:str='', # settings.ini ('' = $MLKIT_SETTINGS or the near
           force:bool=False, # override the rate limit (audited)
           params:dict|None=None, # the job's parameters, recorded with the run
          )->RetrainRun:
-    "Load settings, open the registry and model store, apply the rate limit and record the run's start"
-    settings = load_settings(settings_path or None)
-    use_store(settings)
-    reg = Registry.from_settings(settings)
-    reg.reap_stale_runs()
-    run_id = run_id or new_run_id()
-    run_dir = settings.state_dir/'runs'/run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    now, sch = _utcnow(), settings.schedule
-    starts = [r['started_at'] for r in reg.list_runs(limit=500, kind='retrain')
-              if r['id'] != run_id and r['status'] in ('running', 'succeeded', 'failed') and r['started_at'] > now - timedelta(hours=24)]
+    "Open the run, apply the rate limit, record the start and load the champion"
+    run = RetrainRun.open('retrain', settings_path, run_id, trigger, params)
+    now, sch, actor = utcnow(), run.settings.schedule, default_actor()
+    starts = run.registry.run_starts('retrain', since=now - timedelta(hours=24), exclude=run.run_id)
     allowed, when, why = rate_limit(starts, sch.min_retrain_interval_hours, sch.max_retrains_per_day, now)
-    actor = default_actor()
     if not allowed and not force:
-        reg.start_run(run_id, 'retrain', params, trigger, False)
-        reg.finish_run(run_id, 'refused', f"rate limit: {why}")
-        reg.audit(actor, 'retrain.refused', run_id, why, dict(trigger=trigger, next_allowed=when.isoformat()))
-        write_json(run_dir/'summary.json', dict(run_id=run_id, status='refused', reason=f"rate limit: {why}", next_allowed=when.isoformat()))
+        refuse(run, f"rate limit: {why}", next_allowed=when.isoformat())
+        run.registry.audit(actor, 'retrain.refused', run.run_id, why, dict(trigger=trigger, next_allowed=when.isoformat()))
         raise RetrainRefused(f"retrain refused by the rate limit: {why}")
-    reg.start_run(run_id, 'retrain', params, trigger, force)
-    if force: reg.audit(actor, 'retrain.forced', run_id, why or 'forced (rate limit not reached)', dict(trigger=trigger, limit_reached=not allowed))
-    champ = reg.champion(model_name(settings)) if reg.list_models(model_name(settings)) else None
-    pipe, info = load_pipeline(champ['tag'], settings, champ['artifact_sha256']) if champ else (None, None)
-    run = RetrainRun(settings, reg, run_id, run_dir, trigger, force, params or {}, champ, info['metadata'] if info else None, pipe)
-    run.summary.update(run_id=run_id, status='running', trigger=trigger, forced=force, started_at=now.isoformat(),
-                       champion_before=champ['tag'] if champ else None, params=params or {})
-    write_json(run_dir/'parameters.json', params or {})
+    start(run, force)
+    if force: run.registry.audit(actor, 'retrain.forced', run.run_id, why or 'forced (rate limit not reached)', dict(trigger=trigger, limit_reached=not allowed))
+    run.champion, run.champion_pipe, run.champion_meta = load_champion(run)
+    run.summary['champion_before'] = run.champion['tag'] if run.champion else None
     return run
 
 # %% ../nbs/40_retrain.ipynb #b27322b5
@@ -102,6 +85,7 @@ def validate(run:RetrainRun, df:pd.DataFrame)->tuple[dict, ContractReport]:
     if d.target not in df: raise DataError(f"target column '{d.target}' is missing from the data (columns: {', '.join(map(str, df.columns))})")
     contract = run.champion_meta['contract'] if run.champion_meta else infer_contract(df, d.target, d.task, d.id_column, d.timestamp_column)
     report = check_contract(df, contract)
+    run.summary['task'] = contract['task']
     run.summary['contract'] = dict(source='champion' if run.champion_meta else 'inferred', **report.as_dict())
     report.raise_for_hard(run.summary['data']['source'])
     return contract, report
@@ -161,7 +145,7 @@ def assess(run:RetrainRun, pipe, baseline, test:pd.DataFrame, holdout:pd.DataFra
              baseline=evaluate(baseline, holdout, contract), slices=slice_metrics(pipe, holdout, contract, s.gate.slices))
     if run.champion_pipe is not None:
         m['champion'] = evaluate(run.champion_pipe, holdout, contract)
-        m['comparison'] = compare(pipe, run.champion_pipe, holdout, contract, check_metric(s.gate.primary_metric, contract['task'], '[gate] primary_metric'), seed=s.train.seed)
+        m['comparison'] = compare(pipe, run.champion_pipe, holdout, contract, run.metric, seed=s.train.seed)
     run.summary['metrics'] = m
     return m
 
@@ -184,10 +168,10 @@ def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contra
     s = run.settings
     noise = label_noise(holdout, contract, pipe)  # the baseline later batches are compared with
     meta = dict(run_id=run.run_id, task=contract['task'], target=contract['target'], features=features(contract),
-                primary_metric=check_metric(s.gate.primary_metric, contract['task'], '[gate] primary_metric'), metrics=metrics,
+                primary_metric=run.metric, metrics=metrics,
                 params=run.summary.get('model', {}), data=run.summary['data'], contract=contract,
                 profile=profile(df, contract), label_noise=noise, git_commit=_git_commit(s.root), versions=versions(),
-                trained_at=_utcnow().isoformat(), parent=run.champion['tag'] if run.champion else None)
+                trained_at=utcnow().isoformat(), parent=run.champion['tag'] if run.champion else None)
     saved = save_pipeline(pipe, s, metadata=meta, labels=dict(run_id=run.run_id), name=model_name(s))
     run.registry.register_model(saved['tag'], run.run_id, metrics, run.summary['data']['content_sha256'], saved['sha256'],
                                 parent_tag=meta['parent'], stage='challenger')
@@ -197,7 +181,7 @@ def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contra
 def decide(run:RetrainRun, tag:str, checks:list[Check], metrics:dict)->dict:
     "Apply the gate: promote `tag`, keep it as a challenger, or reject it"
     s = run.settings
-    metric = check_metric(s.gate.primary_metric, run.summary.get('task') or (run.champion_meta or {}).get('task') or s.data.task, '[gate] primary_metric')
+    metric = run.metric
     d = gate_decision(checks, metric, metrics['holdout'], metrics['baseline'], metrics.get('champion'), s.gate, metrics.get('comparison'))
     reason = '; '.join(d['reasons'])
     if d['decision'] == 'promote': run.registry.promote(tag, 'mlkit retrain', f"gate passed: {reason}", kind='gate')
@@ -208,41 +192,23 @@ def decide(run:RetrainRun, tag:str, checks:list[Check], metrics:dict)->dict:
 
 def finish(run:RetrainRun)->dict:
     "Record the run as succeeded; write metrics.json and summary.json; return the summary"
-    champ = run.registry.champion(model_name(run.settings)) if run.registry.list_models(model_name(run.settings)) else None
-    now = _utcnow()
-    run.summary.update(status='succeeded', finished_at=now.isoformat(), champion_after=champ['tag'] if champ else None,
-                       duration_s=round((now - datetime.fromisoformat(run.summary['started_at'])).total_seconds(), 3))
+    champ = run.registry.champion(model_name(run.settings))
+    run.summary['champion_after'] = champ['tag'] if champ else None
     write_json(run.run_dir/'metrics.json', run.summary.get('metrics', {}))
-    write_json(run.run_dir/'summary.json', run.summary)
-    run.registry.finish_run(run.run_id, 'succeeded', '; '.join(run.summary.get('reasons', [])), metrics=run.summary.get('metrics', {}).get('holdout'),
-                            decision=run.summary.get('decision'), model_tag=run.summary.get('model_tag'),
-                            data_fingerprint=run.summary['data']['content_sha256'])
-    return run.summary
+    return succeed(run, '; '.join(run.summary.get('reasons', [])), metrics=run.summary.get('metrics', {}).get('holdout'),
+                   decision=run.summary.get('decision'), model_tag=run.summary.get('model_tag'),
+                   data_fingerprint=run.summary['data']['content_sha256'])
 
 # %% ../nbs/40_retrain.ipynb #a2d03a58
-def run_steps(settings_path:str='', data:str='', model:str='', seed:int=-1, hyperparameters:dict|None=None,
-              run_id:str='', trigger:str='manual', force:bool=False)->dict:
-    "Run every retraining step in this process; return the summary (a failed run is recorded, then its error raised)"
-    run = begin(settings_path, run_id, trigger, force, dict(data=data, model=model, seed=seed, hyperparameters=hyperparameters or {}))
-    try:
-        df = load(run, data)
-        contract, report = validate(run, df)
-        run.summary['task'] = contract['task']
-        holdout, df = golden_holdout(run, df, contract)
-        checks, noise = check_poisoning(run, df, contract, report)
-        pipe, base, test = train(run, df, contract, model, seed, hyperparameters)
-        metrics = assess(run, pipe, base, test, holdout, contract)
-        tag = register(run, pipe, df, holdout, contract, metrics)
-        decide(run, tag, checks, metrics)
-        return finish(run)
-    except Exception as e:
-        fail(run, e)
-        raise
-
-def fail(run:RetrainRun, error:BaseException)->dict:
-    "Record the run as failed with a one-line reason; write summary.json"
-    reason = f"{type(error).__name__}: {error}".strip().splitlines()[0][:500]
-    run.summary.update(status='failed', reason=reason, finished_at=_utcnow().isoformat())
-    write_json(run.run_dir/'summary.json', run.summary)
-    run.registry.finish_run(run.run_id, 'failed', reason)
-    return run.summary
+def run_steps(settings_path:str='', # settings.ini ('' = $MLKIT_SETTINGS or the nearest one)
+              data:str='', # CSV or Parquet path, or builtin:NAME ('' = [data] source)
+              model:str='', # estimator name ('' = [train] model)
+              seed:int=-1, # random seed (-1 = [train] seed)
+              hyperparameters:dict|None=None, # estimator hyperparameters
+              run_id:str='', # id of the run ('' = a new one)
+              trigger:str='manual', # manual, schedule or monitor
+              force:bool=False, # override the rate limit (audited)
+             )->dict:
+    "The retraining job notebook run in this process (`mlkit.runs.run_inline`): its summary; a failed run is recorded, then its error raised"
+    return run_inline('retrain', dict(settings_path=settings_path, data=data, model=model, seed=seed, run_id=run_id, trigger=trigger,
+                                      force=force, hyperparameters=json.dumps(hyperparameters or {})))
