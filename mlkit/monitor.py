@@ -29,7 +29,8 @@ from . import abtest, drift, quality
 
 # %% auto #0
 __all__ = ['LEVELS', 'EXIT_STATUS', 'coerce_logged', 'LogWindow', 'read_log', 'Finding', 'MonitorRun', 'thresholds',
-           'holdout_eval', 'begin', 'measure_drift', 'compare_with_holdout', 'measure_quality', 'measure_staleness',
+           'holdout_eval', 'begin', 'measure_skew', 'measure_feature_drift', 'measure_prediction_drift',
+           'measure_label_drift', 'measure_drift', 'compare_with_holdout', 'measure_quality', 'measure_staleness',
            'measure_ab', 'measure_operations', 'verdict', 'trigger_retrain', 'finish', 'run_steps']
 
 # %% ../nbs/63_monitor.ipynb #2acb65e3
@@ -227,55 +228,87 @@ def _scores(rows:pd.DataFrame, classes:list, task:str)->np.ndarray:
     if len(classes) == 2 and f"proba_{classes[1]}" in rows: return rows[f"proba_{classes[1]}"].to_numpy(float)
     return rows[cols].max(axis=1).to_numpy(float) if cols else np.array([])
 
-# %% ../nbs/63_monitor.ipynb #802f337d
+# %% ../nbs/63_monitor.ipynb #c7ba3bed
+def measure_skew(run:MonitorRun, # the run
+                 X:pd.DataFrame, # served features (cast)
+                 rows:pd.DataFrame, # the log's columns of the same rows
+                )->list[dict]:
+    "Training/serving skew of each answering model against its own training profile; each is a `warn` finding"
+    out = []
+    for tag in rows['model_tag'].unique():
+        meta, mask = run.meta_of(tag), (rows['model_tag'] == tag).to_numpy()
+        if meta is None: run.add('note', 'skew', tag, f"model {tag} answered {mask.sum()} requests but is no longer in the store: skew not measured"); continue
+        out += [dict(model=tag, **f) for f in drift.serving_skew(X[mask], meta['profile'], meta['contract'])]
+    for f in out:
+        run.add('warn', 'skew', f['feature'], f"training/serving skew in {f['feature']} ({f['kind']}): {f['detail']}; "
+                "check the upstream pipeline before retraining, a new model would learn the broken values")
+    return out
+
+# %% ../nbs/63_monitor.ipynb #0bdb5b7a
+def measure_feature_drift(run:MonitorRun, # the run
+                          X:pd.DataFrame, # served features (cast)
+                          skewed:set, # features already reported as skew (not reported again as drift)
+                         )->pd.DataFrame:
+    "Each feature's drift against the reference profile; `alert` calls for a retrain, `warn` for a look"
+    th = run.thresholds
+    fd = drift.feature_drift(X, run.profile, run.contract, th['psi_warn'], th['psi_alert'], th['p_value'])
+    for r in fd.itertuples():
+        if r.feature in skewed or r.level == 'ok': continue
+        run.add('retrain' if r.level == 'alert' else 'warn', 'feature_drift', r.feature, f"feature drift: {r.detail}")
+    return fd
+
+# %% ../nbs/63_monitor.ipynb #48e6fcde
+def measure_prediction_drift(run:MonitorRun, # the run
+                             rows:pd.DataFrame, # served rows of the log
+                            )->tuple[dict|None, dict|None]:
+    "The champion's live scores against its scores on the golden holdout: (the test, the two score arrays); Nones without enough rows or a holdout"
+    th = run.thresholds
+    champ = rows[(rows['variant'] == 'champion').to_numpy() & (rows['model_tag'] == run.champion['tag']).to_numpy()]
+    if run.holdout is None or len(champ) < th['min_rows']: return None, None
+    ref = run.holdout['scores']
+    classes = [str(k) for k in getattr(run.champion_pipe, 'classes_', [])]
+    served = _scores(champ, classes, run.champion_meta['contract']['task'])
+    res = drift.score_drift(served, ref, th['psi_warn'], th['psi_alert'], th['p_value'])
+    if res['level'] != 'ok':
+        run.add('retrain' if res['level'] == 'alert' else 'warn', 'prediction_drift', run.champion['tag'], f"prediction drift: {res['detail']}")
+    return res, dict(served=served, reference=ref)
+
+# %% ../nbs/63_monitor.ipynb #00980f81
+def measure_label_drift(run:MonitorRun, # the run
+                        rows:pd.DataFrame, # served rows of the log
+                       )->dict|None:
+    "The labels that arrived against the training labels; None (and a note) with fewer than `min_labels`"
+    th, c = run.thresholds, run.contract
+    labels = rows['label'].dropna()
+    if len(labels) < th['min_labels']:
+        run.add('note', 'label_drift', c['target'], f"{len(labels)} labels arrived in the window: label drift needs {th['min_labels']}")
+        return None
+    res = drift.label_drift(labels, run.profile, c, th['psi_warn'], th['psi_alert'], th['p_value'])
+    if res['level'] != 'ok':
+        run.add('retrain' if res['level'] == 'alert' else 'warn', 'label_drift', c['target'], f"label drift: {res['detail']}")
+    return res
+
+# %% ../nbs/63_monitor.ipynb #f263fa74
 def measure_drift(run:MonitorRun, win:LogWindow)->dict:
-    "Feature, prediction and label drift, drift over time, training/serving skew and data invariants"
+    "Feature, prediction and label drift, drift over time, training/serving skew and data invariants of the served rows"
     th, c, served = run.thresholds, run.contract, win.served
     X, rows = win.X[served], win.rows[served]
     res = dict(rows=int(served.sum()), features=None, over_time=None, prediction=None, label=None, skew=[], invariants=[])
     if res['rows'] < th['min_rows']:
         run.add('warn', 'traffic', '', f"only {res['rows']} predictions from {run.window_text}: too few to judge drift (min_rows {th['min_rows']})")
         return res
-    # skew: each answering model against its own training profile
-    for tag in rows['model_tag'].unique():
-        meta, mask = run.meta_of(tag), (rows['model_tag'] == tag).to_numpy()
-        if meta is None: run.add('note', 'skew', tag, f"model {tag} answered {mask.sum()} requests but is no longer in the store: skew not measured"); continue
-        for f in drift.serving_skew(X[mask], meta['profile'], meta['contract']):
-            res['skew'].append(dict(model=tag, **f))
+    res['skew'] = measure_skew(run, X, rows)
     skewed = {f['feature'] for f in res['skew']}
-    for f in res['skew']:
-        run.add('warn', 'skew', f['feature'], f"training/serving skew in {f['feature']} ({f['kind']}): {f['detail']}; "
-                "check the upstream pipeline before retraining, a new model would learn the broken values")
-    fd = drift.feature_drift(X, run.profile, c, th['psi_warn'], th['psi_alert'], th['p_value'])
-    res['features'] = fd
-    for r in fd.itertuples():
-        if r.feature in skewed or r.level == 'ok': continue
-        run.add('retrain' if r.level == 'alert' else 'warn', 'feature_drift', r.feature, f"feature drift: {r.detail}")
-    times = rows['ts']
-    res['freq'] = _freq(times)
-    res['over_time'] = drift.drift_over_time(X, times, run.profile, c, res['freq'])
+    res['features'] = measure_feature_drift(run, X, skewed)
+    res['freq'] = _freq(rows['ts'])
+    res['over_time'] = drift.drift_over_time(X, rows['ts'], run.profile, c, res['freq'])
     res['invariants'] = drift.invariants(X, c)
     for v in res['invariants']:
         if v['share'] > th['max_out_of_contract'] and v['feature'] not in skewed:
             run.add('warn', 'invariant', v['feature'], f"data invariant broken on served records: {v['detail']}")
-    # prediction drift of the champion against its own scores on the golden holdout
-    champ = rows[(rows['variant'] == 'champion').to_numpy() & (rows['model_tag'] == run.champion['tag']).to_numpy()]
-    hold = run.holdout if len(champ) >= th['min_rows'] else None
-    if hold is not None:
-        ref = hold['scores']
-        classes = [str(k) for k in getattr(run.champion_pipe, 'classes_', [])]
-        served_scores = _scores(champ, classes, run.champion_meta['contract']['task'])
-        res['prediction'] = drift.score_drift(served_scores, ref, th['psi_warn'], th['psi_alert'], th['p_value'])
-        res['prediction_scores'] = dict(served=served_scores, reference=ref)
-        if res['prediction']['level'] != 'ok':
-            run.add('retrain' if res['prediction']['level'] == 'alert' else 'warn', 'prediction_drift', run.champion['tag'],
-                    f"prediction drift: {res['prediction']['detail']}")
-    labels = rows['label'].dropna()
-    if len(labels) >= th['min_labels']:
-        res['label'] = drift.label_drift(labels, run.profile, c, th['psi_warn'], th['psi_alert'], th['p_value'])
-        if res['label']['level'] != 'ok':
-            run.add('retrain' if res['label']['level'] == 'alert' else 'warn', 'label_drift', c['target'], f"label drift: {res['label']['detail']}")
-    else: run.add('note', 'label_drift', c['target'], f"{len(labels)} labels arrived in the window: label drift needs {th['min_labels']}")
+    res['prediction'], scores = measure_prediction_drift(run, rows)
+    if scores is not None: res['prediction_scores'] = scores
+    res['label'] = measure_label_drift(run, rows)
     return res
 
 # %% ../nbs/63_monitor.ipynb #7f58ead6
