@@ -17,7 +17,8 @@ from pathlib import Path
 
 import psutil
 
-from mlkit.predlog import PredictionLog, _check_row, _encode
+from mlkit.predlog import PredictionLog, check_row, encode_row
+from mlkit import logread  # noqa: F401  adds PredictionLog.read
 
 N_READ = int(os.environ.get('BENCH_ROWS', 1_000_000))
 N_CALLS = 50_000
@@ -92,8 +93,8 @@ def writer(tmp):
     plog.close()
     # baseline: the same values, already encoded, with plain sqlite3
     now = datetime.now(timezone.utc)
-    vals = [_check_row(r, i, now) for i, r in enumerate(rows)]
-    t = time.perf_counter(); vals = [_encode(v) for v in vals]; enc = time.perf_counter() - t
+    vals = [check_row(r, i, now) for i, r in enumerate(rows)]
+    t = time.perf_counter(); vals = [encode_row(v) for v in vals]; enc = time.perf_counter() - t
     cols = list(vals[0])
     tuples = [tuple(v[c] if c != 'ts' else v[c].strftime('%Y-%m-%d %H:%M:%S.%f') for c in cols) for v in vals]
     shutil.copy(tmp/'w.db', tmp/'raw.db')

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from conftest import ROOT, free_port
 from mlkit.predlog import PredictionLog, PredictionLogError
+import mlkit.logread, mlkit.logexport  # noqa: F401  add PredictionLog.count, .read and .export_parquet
 
 T0 = datetime(2024, 5, 1, 12, tzinfo=timezone.utc)
 FEATURES = [f'f{k}' for k in range(20)]
