@@ -241,7 +241,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.monitor.MonitorRun.metric': ('monitor.html#monitorrun.metric', 'mlkit/monitor.py'),
                                'mlkit.monitor.MonitorRun.profile': ('monitor.html#monitorrun.profile', 'mlkit/monitor.py'),
                                'mlkit.monitor._freq': ('monitor.html#_freq', 'mlkit/monitor.py'),
-                               'mlkit.monitor._log_column': ('monitor.html#_log_column', 'mlkit/monitor.py'),
                                'mlkit.monitor._previous_end': ('monitor.html#_previous_end', 'mlkit/monitor.py'),
                                'mlkit.monitor._scores': ('monitor.html#_scores', 'mlkit/monitor.py'),
                                'mlkit.monitor._window_text': ('monitor.html#_window_text', 'mlkit/monitor.py'),
