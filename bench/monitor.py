@@ -28,10 +28,11 @@ from mlkit.config import load_settings
 from mlkit.datasets import churn, churn_day
 from mlkit.jobs import scratch_project
 from mlkit.predlog import PredictionLog
+from mlkit import logread  # noqa: F401  adds PredictionLog.read, which floor() reads with
 from mlkit.retrain import run_steps
 from mlkit.service import Variant, predict_outputs
 from mlkit.store import load_pipeline
-from predlog import _in_child  # bench/predlog.py: run in a forked child, measure its peak memory
+from common import in_child as _in_child  # bench/common.py: run in a forked child, measure its peak memory
 
 
 def wide(df, seed):

@@ -11,13 +11,15 @@ In one process, each figure next to its baseline:
 Features are 20 full-precision floats (e.g. 144.14285714285714): the worst case for JSON encoding.
 BENCH_ROWS changes the 1,000,000 (e.g. BENCH_ROWS=200000 for a quick run).
 """
-import json, multiprocessing, os, shutil, sqlite3, statistics, sys, tempfile, threading, time, timeit
+import json, os, shutil, sqlite3, statistics, sys, tempfile, time, timeit
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psutil
 
-from mlkit.predlog import PredictionLog, _check_row, _encode
+from mlkit.predlog import PredictionLog, check_row, encode_row
+from mlkit import logread  # noqa: F401  adds PredictionLog.read
+from common import in_child  # bench/common.py: run in a forked child, measure its peak memory
 
 N_READ = int(os.environ.get('BENCH_ROWS', 1_000_000))
 N_CALLS = 50_000
@@ -39,23 +41,6 @@ def per_call(f, rows, every=None):
         if every and i % 500 == 499: every()
     ts.sort()
     return statistics.fmean(ts) / 1e3, ts[int(len(ts) * 0.99)] / 1e3
-
-
-class PeakRSS:
-    "Peak resident memory above the level at start, sampled every 5 ms"
-    def __enter__(self):
-        self.proc = psutil.Process() # this process (a forked child measures itself)
-        self.base = self.peak = self.proc.memory_info().rss
-        self.stop = threading.Event()
-        def sample():
-            while not self.stop.wait(0.005): self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.th = threading.Thread(target=sample, daemon=True); self.th.start()
-        return self
-    def __exit__(self, *a):
-        self.stop.set(); self.th.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-    @property
-    def mb(self): return (self.peak - self.base) / 2**20
 
 
 def line(label, value, unit, note=''):
@@ -92,8 +77,8 @@ def writer(tmp):
     plog.close()
     # baseline: the same values, already encoded, with plain sqlite3
     now = datetime.now(timezone.utc)
-    vals = [_check_row(r, i, now) for i, r in enumerate(rows)]
-    t = time.perf_counter(); vals = [_encode(v) for v in vals]; enc = time.perf_counter() - t
+    vals = [check_row(r, i, now) for i, r in enumerate(rows)]
+    t = time.perf_counter(); vals = [encode_row(v) for v in vals]; enc = time.perf_counter() - t
     cols = list(vals[0])
     tuples = [tuple(v[c] if c != 'ts' else v[c].strftime('%Y-%m-%d %H:%M:%S.%f') for c in cols) for v in vals]
     shutil.copy(tmp/'w.db', tmp/'raw.db')
@@ -126,17 +111,6 @@ def populate(db, n):
     con.close()
 
 
-def _in_child(f, *args):
-    "Run f(*args) in a forked child; returns (its result, its peak resident memory above its start in MB)"
-    def target(conn):
-        with PeakRSS() as m: res = f(*args)
-        conn.send((res, m.mb)); conn.close()
-    parent, child = multiprocessing.Pipe()
-    p = multiprocessing.get_context('fork').Process(target=target, args=(child,)); p.start()
-    res = parent.recv(); p.join()
-    return res
-
-
 def raw_fetch(db):
     con = sqlite3.connect(db)
     t = time.perf_counter()
@@ -159,9 +133,9 @@ def read(tmp):
     t = time.perf_counter(); populate(db, N_READ); fill = time.perf_counter() - t
     size = db.stat().st_size / 2**20
     print(f"read: {N_READ:,} rows x 20 features ({size:,.0f} MB of SQLite, filled in {fill:.1f} s), chunks of 100,000, ordered by ts")
-    (n0, _, raw), m0 = _in_child(raw_fetch, db)
-    (n1, ncol, took), m1 = _in_child(log_read, db, True)
-    (n2, _, nofeat), m2 = _in_child(log_read, db, False)
+    (n0, _, raw), m0 = in_child(raw_fetch, db)
+    (n1, ncol, took), m1 = in_child(log_read, db, True)
+    (n2, _, nofeat), m2 = in_child(log_read, db, False)
     assert n0 == n1 == n2 == N_READ
     line('baseline: sqlite3 fetchmany, no decoding', raw, 's', f"(peak +{m0:,.0f} MB)")
     line(f'read(chunksize=100_000): DataFrames of {ncol} columns', took, 's', f"(peak +{m1:,.0f} MB; {N_READ / took:,.0f} rows/s; target well under 60 s)")

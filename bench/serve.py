@@ -75,6 +75,7 @@ def run(ini, load_before):
     with Server(ini, workers=workers) as srv:
         for c in LEVELS: results[('mlkit', c)] = wrk(f'{srv.url}/predict', body, c)
     from mlkit.predlog import PredictionLog
+    from mlkit import logread  # noqa: F401  adds PredictionLog.count
     logged = PredictionLog.from_settings(s).count()
     # shadow mode: a challenger predicts every request for the log only; the answer must not get slower
     from mlkit.registry import Registry

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'command', 'format_table', 'config', 'print_retrain', 'retrain', 'runs', 'models', 'promote', 'rollback',
-           'serve', 'build', 'logs', 'monitor', 'schedule', 'new', 'demo', 'main', 'cli']
+           'serve', 'build', 'logs', 'monitor', 'schedule', 'new', 'demo', 'export_logs', 'main', 'cli']
 
 # %% ../nbs/90_cli.ipynb #f682bb20
 import argparse, json as _json, os, sys
@@ -160,14 +160,13 @@ def build(no_export:bool=False, # keep the bento in the project's store only
 
 @command(pos=['action'])
 def logs(action:Annotated[str, "what to do with the prediction log", {'choices': ['export']}],
-         since:str=None, # first day or time to export (ISO, e.g. 2026-11-01)
-         until:str=None, # end of the export window (exclusive; default: now)
+         since:str=None, # first day or time to export (ISO, e.g. 2026-11-01; default: the first prediction)
+         until:str=None, # end of the export window (exclusive; a date alone includes that day; default: the last prediction)
          format:Annotated[str, "file format", {'choices': ['parquet']}]='parquet',
          out:str=None, # folder to write into (default: <state_dir>/exports)
         ):
     "The prediction log: `mlkit logs export` writes day-partitioned Parquet for warehouses"
-    from mlkit.predlog import export_cli  # on use: `mlkit --help` must not load ML libraries
-    export_cli(since=since, until=until, format=format, out=out)
+    export_logs(since=since, until=until, format=format, out=out)
 
 @command
 def monitor(since:str=None, # start of the window, ISO date or time (default: where the last monitoring run ended)
@@ -217,6 +216,36 @@ def demo():
     from mlkit.demo import monitoring_tour, serving_tour  # on use: `mlkit --help` must not load ML libraries
     serving_tour(s)
     monitoring_tour(s)
+
+# %% ../nbs/90_cli.ipynb #8a325038
+def export_logs(since:str=None, # start of the window: ISO date or time, UTC unless it has an offset (default: the first prediction)
+                until:str=None, # end of the window, exclusive; a date alone includes that day (default: the last prediction)
+                format:str='parquet', # output format; only `parquet` for now
+                out:str=None, # output folder (default: `<state_dir>/exports`)
+               )->list[Path]:
+    "Export the project's prediction log as day-partitioned Parquet files (date=YYYY-MM-DD/part-*.parquet); prints what it wrote"
+    # imported on use: `mlkit --help` must not load ML libraries (pyarrow, pandas, sqlalchemy)
+    import pyarrow.parquet as pq
+    from mlkit import logexport # adds PredictionLog.export_parquet
+    from mlkit.db import time_window
+    from mlkit.errors import PredictionLogError
+    from mlkit.predlog import PredictionLog
+    if format != 'parquet': raise PredictionLogError(f"format must be 'parquet', got {format!r}")
+    since, until = time_window(since, until) # bad values fail before anything is opened
+    settings = load_settings()
+    out = Path(out).expanduser().resolve() if out else settings.state_dir/'exports'
+    with PredictionLog.from_settings(settings) as plog:
+        print(f"prediction log: {plog.url}")
+        paths = plog.export_parquet(out, since, until)
+    rows = 0
+    for p in paths:
+        n = pq.read_metadata(p).num_rows
+        rows += n
+        print(f"  {p}  {n} rows")
+    window = f"{since.isoformat() if since else 'the start'} to {until.isoformat() if until else 'the end'}"
+    print(f"wrote {len(paths)} file(s), {rows} rows, from {window} into {out}" if paths else
+          f"no predictions from {window}: nothing written")
+    return paths
 
 # %% ../nbs/90_cli.ipynb #4a5bc720
 def _parser()->argparse.ArgumentParser:

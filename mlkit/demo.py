@@ -12,6 +12,7 @@ from .config import Settings
 from .bento import build as build_bento
 from .datasets import churn_day, delayed_labels
 from .jobs import monitor, retrain
+from . import logread # adds PredictionLog.count, which serving_tour reports with
 from .predlog import PredictionLog
 from .registry import Registry, default_actor
 from .service import frame_to_records

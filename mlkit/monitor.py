@@ -19,6 +19,7 @@ from .data import read_table
 from .errors import JobFailed, MlkitError, MonitorError, RetrainRefused
 from .jobs import retrain
 from .db import time_window
+from .logread import feature_column
 from .predlog import PredictionLog
 from .registry import Registry, default_actor
 from .jsonsafe import to_records
@@ -34,18 +35,12 @@ __all__ = ['LEVELS', 'EXIT_STATUS', 'coerce_logged', 'LogWindow', 'read_log', 'F
            'measure_ab', 'measure_operations', 'verdict', 'trigger_retrain', 'finish', 'run_steps']
 
 # %% ../nbs/63_monitor.ipynb #2acb65e3
-_META = ('request_id', 'ts', 'variant', 'shadow', 'model_tag', 'entity', 'prediction', 'latency_ms', 'status', 'label', 'label_at')
-
-def _log_column(name:str)->str:
-    "Column of feature `name` in a frame read from the prediction log (renamed there when it collides)"
-    return f"feature_{name}" if name in _META or name.startswith('proba_') else name
-
 def coerce_logged(df:pd.DataFrame, # a frame read from the prediction log (or any table with the feature columns)
                   contract:dict, # the data contract of the model
                  )->pd.DataFrame:
     "The contract's features of `df`, cast by `coerce_features`, categoricals kept compact as `category`"
     feats = features(contract)
-    X = coerce_features(pd.DataFrame({c: df[_log_column(c)] for c in feats if _log_column(c) in df}, index=df.index), contract)
+    X = coerce_features(pd.DataFrame({c: df[feature_column(c)] for c in feats if feature_column(c) in df}, index=df.index), contract)
     for c in feats:
         if contract['columns'][c]['kind'] == 'categorical': X[c] = X[c].astype('category')
     return X

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from conftest import ROOT, free_port
 from mlkit.predlog import PredictionLog, PredictionLogError
+import mlkit.logread, mlkit.logexport  # noqa: F401  add PredictionLog.count, .read and .export_parquet
 
 T0 = datetime(2024, 5, 1, 12, tzinfo=timezone.utc)
 FEATURES = [f'f{k}' for k in range(20)]
@@ -121,8 +122,8 @@ def test_forked_worker_keeps_its_own_queue(tmp_path):
 
 def test_sqlite_locked_past_the_busy_timeout(tmp_path, monkeypatch):
     "Another process holds the write lock longer than the busy timeout: batches fail, stay queued and are written later"
-    import mlkit.registry
-    monkeypatch.setattr(mlkit.registry, 'BUSY_TIMEOUT_MS', 100)
+    import mlkit.db
+    monkeypatch.setattr(mlkit.db, 'BUSY_TIMEOUT_MS', 100) # read by make_engine (the engine's busy timeout)
     db = tmp_path/'p.db'
     plog = PredictionLog(f'sqlite:///{db}', batch_size=10, flush_ms=5)
     holder = subprocess.Popen([sys.executable, '-c', textwrap.dedent(f'''

@@ -13,6 +13,7 @@ from mlkit.config import load_settings
 from mlkit.datasets import churn_day
 from mlkit.jobs import scratch_project
 from mlkit.predlog import PredictionLog
+import mlkit.logread  # noqa: F401  adds PredictionLog.count and .read
 from mlkit.registry import Registry
 from mlkit.retrain import run_steps
 from mlkit.service import frame_to_records
