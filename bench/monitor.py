@@ -32,7 +32,7 @@ from mlkit import logread  # noqa: F401  adds PredictionLog.read, which floor() 
 from mlkit.retrain import run_steps
 from mlkit.service import Variant, predict_outputs
 from mlkit.store import load_pipeline
-from common import in_child as _in_child  # bench/common.py: run in a forked child, measure its peak memory
+from common import in_child  # bench/common.py: run in a forked child, measure its peak memory
 
 
 def wide(df, seed):
@@ -103,7 +103,7 @@ def main():
     print(f"log: {N:,} predictions over 7 days, 30% labeled ({db.stat().st_size / 2**20:,.0f} MB of SQLite, filled in {time.perf_counter() - t:.1f} s)")
 
     kinds = {f: meta['contract']['columns'][f]['kind'] for f in meta['features']}
-    (n, took), mem = _in_child(floor, f'sqlite:///{db}', meta['features'], kinds)
+    (n, took), mem = in_child(floor, f'sqlite:///{db}', meta['features'], kinds)
     assert n == N, n
     t = time.perf_counter()
     res = subprocess.run([str(BIN/'mlkit'), 'monitor', '--since', '2026-02-01', '--until', '2026-02-08'], capture_output=True, text=True,

@@ -226,10 +226,10 @@ def export_logs(since:str=None, # start of the window: ISO date or time, UTC unl
     "Export the project's prediction log as day-partitioned Parquet files (date=YYYY-MM-DD/part-*.parquet); prints what it wrote"
     # imported on use: `mlkit --help` must not load ML libraries (pyarrow, pandas, sqlalchemy)
     import pyarrow.parquet as pq
-    from mlkit import logexport # adds PredictionLog.export_parquet
-    from mlkit.db import time_window
-    from mlkit.errors import PredictionLogError
-    from mlkit.predlog import PredictionLog
+    from mlkit import logexport  # on use: `mlkit --help` must not load ML libraries; adds PredictionLog.export_parquet
+    from mlkit.db import time_window  # on use, as above
+    from mlkit.errors import PredictionLogError  # on use, as above
+    from mlkit.predlog import PredictionLog  # on use, as above
     if format != 'parquet': raise PredictionLogError(f"format must be 'parquet', got {format!r}")
     since, until = time_window(since, until) # bad values fail before anything is opened
     settings = load_settings()
