@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mlkit-installed
 SYNC_MSG := notebooks and library are out of sync: edit nbs/, run nbdev-export (and make readme), commit both
 TRACKED := find nbs mlkit README.md -type f ! -path '*/__pycache__/*' ! -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum
 
-.PHONY: demo test install browser sync-check clean-check export-check readme nbtest pytest bench lab
+.PHONY: demo test install test-deps sync-check clean-check export-check readme nbtest pytest bench lab
 
 ## (re)install when .venv is missing or pyproject.toml / constraints.txt changed (by content)
 install:
@@ -22,7 +22,7 @@ install:
 demo: install
 	$(BIN)/mlkit demo
 
-test: install sync-check nbtest pytest
+test: install test-deps sync-check nbtest pytest
 
 ## nbdev-clean must change nothing; nbdev-export and the README must match the notebooks
 sync-check: clean-check export-check
@@ -42,12 +42,18 @@ readme:
 nbtest:
 	$(BIN)/nbdev-test
 
-## the report test opens report.html in headless Chromium (Debian's package)
-browser:
-	@command -v chromium >/dev/null || { echo "installing chromium (Debian package) for the report test"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+## what the tests need beyond Python, as Debian packages: Chromium (the report test opens report.html headless)
+## and PostgreSQL's server (the prediction log and registry tests start a throwaway one on 127.0.0.1)
+test-deps:
+	@need=""; command -v chromium >/dev/null || need="$$need chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need="$$need postgresql"; \
+	if [ -n "$$need" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "the tests need Debian packages:$$need (sudo apt-get install$$need)" >&2; exit 1; fi; \
+	  echo "installing Debian packages for the tests:$$need"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need >/dev/null; \
+	fi
 
-pytest: browser
+pytest:
 	$(BIN)/pytest
 
 bench: install

@@ -171,49 +171,24 @@ def _pg_bin():
     return Path(initdb).parent if initdb and shutil.which('pg_ctl') else None
 
 
-def _ensure_pg_bin():
-    "The server binaries; installed with apt-get when missing and running as root (CI starts from a fresh machine)"
+def _require_pg_bin():
+    "The server binaries, or a failure that says how to get them (`make test` installs them in its setup step)"
     if b := _pg_bin(): return b
-    if os.geteuid() != 0:
-        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed (looked in /usr/lib/postgresql/*/bin and PATH). "
-                    "Install them (Debian/Ubuntu: sudo apt-get install -y postgresql) or run the tests as root so this fixture can.")
-    env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
-    install = ['apt-get', 'install', '-y', '--no-install-recommends', 'postgresql']
-    r = subprocess.run(install, env=env, capture_output=True, text=True)
-    if r.returncode != 0: # a fresh machine may have no package lists yet
-        subprocess.run(['apt-get', 'update'], env=env, capture_output=True, text=True)
-        r = subprocess.run(install, env=env, capture_output=True, text=True)
-    if r.returncode != 0 or not (b := _pg_bin()):
-        pytest.fail(f"`{' '.join(install)}` failed (exit {r.returncode}):\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
-    return b
+    pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed (looked in /usr/lib/postgresql/*/bin and PATH): "
+                "run `make test-deps` as root, or install Debian's postgresql package")
 
 
-def test_pg_binaries_installed_when_missing(monkeypatch):
-    "No server binaries: as root the fixture runs apt-get install (after apt-get update if needed); otherwise it fails saying what to do"
-    mod, calls, state = sys.modules[__name__], [], dict(installed=False, lists=False)
-    monkeypatch.setattr(mod, '_pg_bin', lambda: Path('/usr/lib/postgresql/15/bin') if state['installed'] else None)
-    def fake_run(cmd, **kw):
-        calls.append(' '.join(cmd[:2]))
-        if cmd[1] == 'update': state['lists'] = True
-        elif state['lists']: state['installed'] = True
-        ok = cmd[1] == 'update' or state['installed']
-        return subprocess.CompletedProcess(cmd, 0 if ok else 100, '', '' if ok else 'E: Unable to locate package postgresql')
-    monkeypatch.setattr(mod.subprocess, 'run', fake_run)
-    monkeypatch.setattr(os, 'geteuid', lambda: 0)
-    assert _ensure_pg_bin() == Path('/usr/lib/postgresql/15/bin')
-    assert calls == ['apt-get install', 'apt-get update', 'apt-get install']
-    state.update(installed=False, lists=False); calls.clear()
-    monkeypatch.setattr(mod.subprocess, 'run', lambda cmd, **kw: subprocess.CompletedProcess(cmd, 100, '', 'E: no network'))
-    with pytest.raises(pytest.fail.Exception, match='apt-get install -y --no-install-recommends postgresql` failed'): _ensure_pg_bin()
-    monkeypatch.setattr(os, 'geteuid', lambda: 1000)
-    with pytest.raises(pytest.fail.Exception, match='sudo apt-get install -y postgresql'): _ensure_pg_bin()
+def test_missing_pg_binaries_say_what_to_run(monkeypatch):
+    "No server binaries: the fixture fails naming the make target, instead of installing anything itself"
+    monkeypatch.setattr(sys.modules[__name__], '_pg_bin', lambda: None)
+    with pytest.raises(pytest.fail.Exception, match='run `make test-deps` as root'): _require_pg_bin()
 
 
 @pytest.fixture(scope='module')
 def pg():
     """A throwaway PostgreSQL server for this module: its own data folder in a temp folder, listening on 127.0.0.1 only,
     on a free port, unix socket in the temp folder, trust authentication; stopped and deleted afterwards, whatever happens"""
-    bin_ = _ensure_pg_bin()
+    bin_ = _require_pg_bin()
     root = Path(tempfile.mkdtemp(prefix='mlkit-pg-'))
     as_pg = []
     if os.geteuid() == 0: # initdb and postgres refuse to run as root
