@@ -84,6 +84,7 @@ def retrain(data:str=None, # CSV or Parquet path or builtin:NAME (default: [data
     summary = run_retrain(data, dict(Param or []), force, run_id or '', trigger)
     print_retrain(summary, s)
 
+# %% ../nbs/90_cli.ipynb #909aa640
 @command
 def runs(limit:int=20, # how many recent runs to list
          json:bool=False, # print JSON instead of a table
@@ -101,6 +102,7 @@ def runs(limit:int=20, # how many recent runs to list
     print(format_table(out))
     if any(r['forced'] for r in rows): print("(! = forced past the rate limit)")
 
+# %% ../nbs/90_cli.ipynb #a0abe1a7
 @command
 def models(json:bool=False, # print JSON instead of a table
           ):
@@ -113,6 +115,7 @@ def models(json:bool=False, # print JSON instead of a table
                              **{metric: _primary((r['metrics'] or {}).get('holdout'), metric)}, data=(r['data_fingerprint'] or '')[:12],
                              parent=r['parent_tag'] or '', run=r['run_id']) for r in rows]))
 
+# %% ../nbs/90_cli.ipynb #4518a911
 @command(pos=['tag'])
 def promote(tag:str, # model tag to make champion
             reason:Annotated[str, "why (kept in the audit trail)", {'opt': True, 'required': True}],
@@ -123,6 +126,7 @@ def promote(tag:str, # model tag to make champion
     res = reg.promote(tag, default_actor(), reason)
     print(f"champion: {tag} (was {res.get('previous_tag') if isinstance(res, dict) else '?'})")
 
+# %% ../nbs/90_cli.ipynb #45c9df7d
 @command
 def rollback(reason:Annotated[str, "why (kept in the audit trail)", {'opt': True, 'required': True}]):
     "Make the previous champion the champion again, in one step"
@@ -131,6 +135,7 @@ def rollback(reason:Annotated[str, "why (kept in the audit trail)", {'opt': True
     res = reg.rollback(default_actor(), reason)
     print(f"champion: {res.get('tag') if isinstance(res, dict) else res} (was {res.get('previous_tag') if isinstance(res, dict) else '?'})")
 
+# %% ../nbs/90_cli.ipynb #55d6f6bc
 @command
 def serve(port:int=None, # port to listen on (default: [serve] port)
           workers:int=None, # worker processes (default: [serve] workers)
@@ -146,6 +151,7 @@ def serve(port:int=None, # port to listen on (default: [serve] port)
     print(f"mlkit serve: champion {refs['champion'][0]}, mode {s.serve.mode}, http://{cmd[4]}:{cmd[6]}", flush=True)
     os.execve(cmd[0], cmd, service_env(s, MLKIT_SERVE_WORKERS=workers))
 
+# %% ../nbs/90_cli.ipynb #943b24f5
 @command
 def build(no_export:bool=False, # keep the bento in the project's store only
          ):
@@ -158,6 +164,7 @@ def build(no_export:bool=False, # keep the bento in the project's store only
     print(f"serve it:  BENTOML_HOME={s.state_dir/'bentoml'} bentoml serve {res['tag']}")
     print(f"container: bentoml containerize {res['tag']}   (needs a Docker engine)")
 
+# %% ../nbs/90_cli.ipynb #b279ddb6
 @command(pos=['action'])
 def logs(action:Annotated[str, "what to do with the prediction log", {'choices': ['export']}],
          since:str=None, # first day or time to export (ISO, e.g. 2026-11-01; default: the first prediction)
@@ -168,6 +175,7 @@ def logs(action:Annotated[str, "what to do with the prediction log", {'choices':
     "The prediction log: `mlkit logs export` writes day-partitioned Parquet for warehouses"
     export_logs(since=since, until=until, format=format, out=out)
 
+# %% ../nbs/90_cli.ipynb #e3be3207
 @command
 def monitor(since:str=None, # start of the window, ISO date or time (default: where the last monitoring run ended)
             until:str=None, # end of the window, exclusive; a date alone includes that day (default: now)
@@ -186,12 +194,14 @@ def monitor(since:str=None, # start of the window, ISO date or time (default: wh
     print(f"report: {summary['report']}")
     return summary['exit_status']
 
+# %% ../nbs/90_cli.ipynb #cd6bfc35
 @command
 def schedule(target:Annotated[str, "what to write: crontab lines or an Airflow DAG", {'choices': ['cron', 'airflow']}]='cron',
             ):
     "Print the schedule of the retraining and monitoring jobs for cron or Airflow"
     _not_yet('schedule')
 
+# %% ../nbs/90_cli.ipynb #94961a37
 @command(pos=['path'])
 def new(path:str, # folder of the new project
        ):

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pandas.api.types import union_categoricals
 
 from .config import Settings
-from .contract import coerce_features, features, as_category
+from .contract import features
 from .data import read_table
 from .errors import JobFailed, MlkitError, MonitorError, RetrainRefused
 from .jobs import retrain
 from .db import time_window
 from .logread import feature_column
+from .logwindow import LogWindow, read_log
 from .predlog import PredictionLog
 from .registry import Registry, default_actor
 from .jsonsafe import to_records
@@ -29,65 +29,10 @@ from .metrics import check_metric
 from . import abtest, drift, quality
 
 # %% auto #0
-__all__ = ['LEVELS', 'EXIT_STATUS', 'coerce_logged', 'LogWindow', 'read_log', 'Finding', 'MonitorRun', 'thresholds',
-           'holdout_eval', 'begin', 'measure_skew', 'measure_feature_drift', 'measure_prediction_drift',
-           'measure_label_drift', 'measure_drift', 'compare_with_holdout', 'measure_quality', 'measure_staleness',
-           'measure_ab', 'measure_operations', 'verdict', 'trigger_retrain', 'finish', 'run_steps']
-
-# %% ../nbs/63_monitor.ipynb #2acb65e3
-def coerce_logged(df:pd.DataFrame, # a frame read from the prediction log (or any table with the feature columns)
-                  contract:dict, # the data contract of the model
-                 )->pd.DataFrame:
-    "The contract's features of `df`, cast by `coerce_features`, categoricals kept compact as `category`"
-    feats = features(contract)
-    X = coerce_features(pd.DataFrame({c: df[feature_column(c)] for c in feats if feature_column(c) in df}, index=df.index), contract)
-    for c in feats:
-        if contract['columns'][c]['kind'] == 'categorical': X[c] = X[c].astype('category')
-    return X
-
-# %% ../nbs/63_monitor.ipynb #c91d341e
-_KEEP = ('request_id', 'ts', 'variant', 'shadow', 'model_tag', 'entity', 'prediction', 'latency_ms', 'status', 'label')
-
-@dataclass
-class LogWindow:
-    "A window of the prediction log: the log's columns (`rows`) and the cast features (`X`), row for row"
-    rows: pd.DataFrame
-    X: pd.DataFrame
-    since: datetime|None
-    until: datetime|None
-    read_s: float = 0.0
-
-    def __len__(self): return len(self.rows)
-    @property
-    def served(self)->pd.Series:
-        "Rows that answered a request (not shadow predictions)"
-        return ~self.rows['shadow'].to_numpy(bool)
-
-def read_log(plog:PredictionLog, # the prediction log
-             contract:dict, # the data contract whose features to read
-             since=None, # start of the window (inclusive): datetime, date or ISO text; None = the first prediction
-             until=None, # end of the window (exclusive); None = the last prediction
-             chunksize:int=200_000, # rows decoded at a time
-            )->LogWindow:
-    "Read a window of the prediction log in chunks, keeping the features compact"
-    t = time.perf_counter()
-    since, until = time_window(since, until)
-    rows, feats = [], []
-    for ch in plog.read(since, until, chunksize=chunksize):
-        rows.append(ch[[c for c in ch.columns if c in _KEEP or c.startswith('proba_')]])
-        feats.append(coerce_logged(ch, contract))
-    if not rows:
-        empty = pd.DataFrame({c: pd.Series(dtype='datetime64[us, UTC]' if c == 'ts' else bool if c == 'shadow' else float if c == 'latency_ms' else object) for c in _KEEP})
-        for k in (contract['columns'][contract['target']].get('classes') or []) if contract['task'] == 'classification' else []:
-            empty[f"proba_{k}"] = pd.Series(dtype=float)
-        return LogWindow(empty, coerce_logged(empty, contract), since, until, time.perf_counter() - t)
-    df = pd.concat(rows, ignore_index=True)
-    X = pd.DataFrame({c: union_categoricals([f[c].array for f in feats], ignore_order=True) if isinstance(feats[0][c].dtype, pd.CategoricalDtype)
-                      else np.concatenate([f[c].to_numpy() for f in feats]) for c in feats[0].columns})
-    if contract['task'] == 'classification':
-        df['prediction'], df['label'] = as_category(df['prediction']), as_category(df['label'])
-    else: df['prediction'], df['label'] = pd.to_numeric(df['prediction'], errors='coerce'), pd.to_numeric(df['label'], errors='coerce')
-    return LogWindow(df, X, since, until, time.perf_counter() - t)
+__all__ = ['LEVELS', 'EXIT_STATUS', 'Finding', 'MonitorRun', 'thresholds', 'holdout_eval', 'begin', 'measure_skew',
+           'measure_feature_drift', 'measure_prediction_drift', 'measure_label_drift', 'measure_drift',
+           'compare_with_holdout', 'measure_quality', 'measure_staleness', 'measure_ab', 'measure_operations',
+           'verdict', 'trigger_retrain', 'finish', 'run_steps']
 
 # %% ../nbs/63_monitor.ipynb #20a6700e
 LEVELS = dict(ok=0, warn=1, retrain=2)
