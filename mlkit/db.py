@@ -25,6 +25,7 @@ def utcnow()->datetime:
     "The current time, aware, in UTC"
     return datetime.now(timezone.utc)
 
+# %% ../nbs/02_db.ipynb #48081be9
 def utc(v:datetime, # an aware datetime
         what:str='timestamp', # how to name it in an error
        )->datetime:
@@ -66,6 +67,7 @@ def _when(v, what:str, end:bool=False)->datetime|None:
         return d + timedelta(days=1) if end else d
     raise TimestampError(f"{what} must be a datetime, a date or an ISO string, got {type(v).__name__}")
 
+# %% ../nbs/02_db.ipynb #48c32305
 def time_window(since, # start (inclusive): an aware datetime, a date, ISO text; None or '' = open
                 until, # end (exclusive; a date includes that day); None or '' = open
                )->tuple[datetime|None, datetime|None]:
@@ -107,6 +109,7 @@ def make_engine(url:str, # SQLAlchemy URL: `sqlite:///path.db`, `sqlite://` (mem
     _sqlite_hooks(engine)
     return engine
 
+# %% ../nbs/02_db.ipynb #9f166f47
 @contextmanager
 def write_transaction(engine:Engine)->Iterator[Connection]:
     "A write transaction on `engine` (`BEGIN IMMEDIATE` on SQLite), committed on success"

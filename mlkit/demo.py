@@ -25,6 +25,7 @@ def _free_port()->int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
+# %% ../nbs/95_demo.ipynb #9e90468d
 def http(method:str, url:str, body=None, timeout:float=30)->tuple[int, object]:
     "Send one JSON request with the standard library; return (status, parsed JSON answer)"
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
@@ -35,6 +36,7 @@ def http(method:str, url:str, body=None, timeout:float=30)->tuple[int, object]:
     try: return status, json.loads(raw or b'null')
     except ValueError: return status, raw.decode(errors='replace')  # health probes answer plain text
 
+# %% ../nbs/95_demo.ipynb #80611865
 def start_service(settings:Settings, port:int|None=None, timeout:float=180, env:dict|None=None)->tuple[subprocess.Popen, str]:
     "Start `mlkit serve` on 127.0.0.1 and wait until it is ready; return the process and its URL"
     port = port or _free_port()
@@ -52,6 +54,7 @@ def start_service(settings:Settings, port:int|None=None, timeout:float=180, env:
     stop_service(proc)
     raise RuntimeError(f"the service was not ready in {timeout:g} s; see {settings.state_dir/'demo-service.log'}")
 
+# %% ../nbs/95_demo.ipynb #2cd37d25
 def stop_service(proc:subprocess.Popen):
     "SIGTERM the service (it flushes its prediction log) and wait for it"
     try: os.killpg(proc.pid, signal.SIGTERM)
@@ -127,6 +130,7 @@ def _second_model(settings:Settings)->str:
         reg.set_stage(tag, 'challenger', actor=default_actor(), reason='demo: the second model is the challenger of the A/B test')
     return tag
 
+# %% ../nbs/95_demo.ipynb #25070592
 def monitoring_tour(settings:Settings)->dict:
     "Serve a drifted day, then an A/B day with a second model; monitor both; show the guarded retrain trigger"
     from datetime import datetime, timedelta, timezone

@@ -76,6 +76,7 @@ class JobKernelManager(AsyncKernelManager):
         super().__init__(**kw)
         JobKernelManager.live.append(self)
 
+# %% ../nbs/41_jobs.ipynb #22a6eb16
 def _kill_kernels(kms:list):
     "SIGKILL the kernels of `kms` (the run's timeout)"
     for km in kms:
@@ -163,6 +164,7 @@ def retrain(data:str|None=None, # CSV or Parquet path or builtin:NAME (default: 
     p.update(force=force, trigger=trigger)
     return run_job('retrain', p, s, run_id or new_run_id('retrain'), progress=progress)
 
+# %% ../nbs/41_jobs.ipynb #e625c775
 def monitor(since:str|None=None, # start of the window, ISO date or time (default: where the last monitoring run ended)
             until:str|None=None, # end of the window, exclusive (default: now)
             params:dict|None=None, # other job parameters (reference_model, thresholds, auto_retrain...)

@@ -26,6 +26,7 @@ def to_plain(o):
     if isinstance(o, Path): return str(o)
     raise TypeError(f"{type(o).__name__} is not JSON-able")
 
+# %% ../nbs/03_jsonsafe.ipynb #a5b5c2b7
 def finite(v):
     "`v` with every non-finite float (NaN, inf) inside dicts and lists replaced by None"
     if isinstance(v, float) and not math.isfinite(v): return None

@@ -46,6 +46,7 @@ class Finding:
     subject: str # a feature, a model tag, a variant
     detail: str
 
+# %% ../nbs/63_monitor.ipynb #824fa3ff
 @dataclass
 class MonitorRun(JobRun):
     "A monitoring run: a `JobRun` with its window, the models it compares with, its thresholds and findings"
@@ -100,6 +101,7 @@ def thresholds(settings:Settings, # the project's settings
     if not 0 < th['p_value'] < 1: raise MonitorError(f"p_value must be between 0 and 1, got {th['p_value']:g}")
     return th
 
+# %% ../nbs/63_monitor.ipynb #12ab32d6
 def holdout_eval(run:MonitorRun)->dict|None:
     "The champion on the frozen golden holdout: its scores (the reference of prediction drift) and its metric with a confidence interval"
     rec = run.registry.get_holdout(model_name(run.settings))
@@ -117,6 +119,7 @@ def holdout_eval(run:MonitorRun)->dict|None:
     res['rows'] = len(hold)
     return res
 
+# %% ../nbs/63_monitor.ipynb #e4fd5caf
 def _previous_end(settings:Settings, reg:Registry)->datetime|None:
     "End of the window of the last successful monitoring run"
     for r in reg.list_runs(limit=50, kind='monitor'):
@@ -125,6 +128,7 @@ def _previous_end(settings:Settings, reg:Registry)->datetime|None:
         except (OSError, KeyError, TypeError, ValueError): continue
     return None
 
+# %% ../nbs/63_monitor.ipynb #afc3e1a1
 def begin(settings_path:str='', # settings.ini ('' = $MLKIT_SETTINGS or the nearest one)
           run_id:str='', # id of this run ('' = a new one)
           since:str='', # start of the window, ISO date or time ('' = where the last monitoring run ended)
@@ -272,6 +276,7 @@ def compare_with_holdout(overall:dict, # the live metric, from `mlkit.quality.qu
     else: how = f"worse than {off} by {drop:.3g}, within the limit of {max_drop:g}"
     return dict(level='alert' if alert else 'ok', drop=drop, p_value=p, detail=f"{live}: {how}")
 
+# %% ../nbs/63_monitor.ipynb #0e002eb0
 def measure_quality(run:MonitorRun, win:LogWindow)->dict:
     "The champion's quality on the labeled requests it answered, per window and overall, against its metric on the golden holdout"
     rows = win.rows[win.served & (win.rows['model_tag'] == run.champion['tag']).to_numpy()]
@@ -290,6 +295,7 @@ def measure_quality(run:MonitorRun, win:LogWindow)->dict:
         res['shadow'] = dict(challenger=quality.quality_overall(shadow.assign(shadow=False), c, metric), champion=overall)
     return res
 
+# %% ../nbs/63_monitor.ipynb #ec21fbd1
 def measure_staleness(run:MonitorRun)->list[dict]:
     "The champion's age and the age of its training data at the end of the window"
     m = run.champion_meta
@@ -305,6 +311,7 @@ def measure_staleness(run:MonitorRun)->list[dict]:
                     ('' if ch['name'] == 'model_age' else '; point [data] source at fresher data, a retrain on the same data would not help'))
     return checks
 
+# %% ../nbs/63_monitor.ipynb #2af880b3
 def measure_ab(run:MonitorRun, win:LogWindow)->dict|None:
     "The A/B verdict between the variants that answered (modes ab and canary)"
     rows = win.rows[win.served]
@@ -317,6 +324,7 @@ def measure_ab(run:MonitorRun, win:LogWindow)->dict|None:
     else: run.add('note', 'ab', res['challenger_tag'], f"A/B test: {res['detail']}")
     return res
 
+# %% ../nbs/63_monitor.ipynb #ea293849
 def measure_operations(run:MonitorRun, win:LogWindow)->pd.DataFrame:
     "Latency and errors per variant, from the log"
     ops = quality.operational(win.rows)

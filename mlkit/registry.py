@@ -112,14 +112,18 @@ holdouts_table = sa.Table('holdouts', registry_metadata,
 # %% ../nbs/30_registry.ipynb #def87509
 def _row(r)->dict|None: return None if r is None else dict(r._mapping)
 
+# %% ../nbs/30_registry.ipynb #e49de520
 def _stored(v, what:str): return jsonable(v, what, RegistryError)
 
+# %% ../nbs/30_registry.ipynb #3b3c55d7
 def _one_of(v, choices, what):
     if v not in choices: raise RegistryError(f"{what} must be one of {', '.join(map(repr, choices))}, got {v!r}")
     return v
 
+# %% ../nbs/30_registry.ipynb #941bd872
 def _model_name(tag:str)->str: return tag.split(':', 1)[0]
 
+# %% ../nbs/30_registry.ipynb #dc4ca591
 class Registry:
     "The registry database of runs, models, promotions, holdouts and the audit trail"
     def __init__(self, url:str, # SQLAlchemy URL, e.g. `sqlite:///state/registry.db` or `postgresql+psycopg://...`
@@ -151,6 +155,7 @@ def _audit(c:Connection, actor, action, target='', reason='', details=None)->int
                                                reason=reason, details=_stored(details, 'audit details')))
     return r.inserted_primary_key[0]
 
+# %% ../nbs/30_registry.ipynb #101fff13
 @patch
 def audit(self:Registry, actor:str|None, # who; None = `default_actor()`
           action:str, # what, e.g. 'promote', 'retrain.refused'
@@ -163,6 +168,7 @@ def audit(self:Registry, actor:str|None, # who; None = `default_actor()`
         i = _audit(c, actor, action, target, reason, details)
         return _row(c.execute(sa.select(audit_table).where(audit_table.c.id == i)).first())
 
+# %% ../nbs/30_registry.ipynb #5b8702e8
 @patch
 def audit_log(self:Registry, limit:int=50, # newest rows to return
               action:str|None=None, # only this action
@@ -179,6 +185,7 @@ RUN_FIELDS = ('params', 'data_fingerprint', 'metrics', 'decision', 'model_tag', 
 
 def _get_run(c, run_id): return _row(c.execute(sa.select(runs_table).where(runs_table.c.id == run_id)).first())
 
+# %% ../nbs/30_registry.ipynb #be7a5aae
 @patch
 def start_run(self:Registry, run_id:str, # the run's id, chosen by the job (e.g. a timestamp)
               kind:str='retrain', # 'retrain' or 'monitor'
@@ -205,6 +212,7 @@ def start_run(self:Registry, run_id:str, # the run's id, chosen by the job (e.g.
                    dict(previous_status=old['status'], previous_reason=old['reason'], previous_started_at=old['started_at']))
         return _get_run(c, run_id)
 
+# %% ../nbs/30_registry.ipynb #10e59cda
 @patch
 def finish_run(self:Registry, run_id:str, # a started run
                status:str, # 'succeeded', 'failed' or 'refused'
@@ -223,11 +231,13 @@ def finish_run(self:Registry, run_id:str, # a started run
         c.execute(sa.update(runs_table).where(runs_table.c.id == run_id).values(status=status, reason=reason, finished_at=utcnow(), **fields))
         return _get_run(c, run_id)
 
+# %% ../nbs/30_registry.ipynb #5d4c54d3
 @patch
 def get_run(self:Registry, run_id:str)->dict|None:
     "The run `run_id`, or None"
     with self._read() as c: return _get_run(c, run_id)
 
+# %% ../nbs/30_registry.ipynb #cbb4dcb9
 @patch
 def list_runs(self:Registry, limit:int=20, # newest runs to return
               kind:str|None=None, # only 'retrain' or 'monitor' runs
@@ -263,6 +273,7 @@ def _alive(pid:int)->bool:
     try: return Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[-1][:1] != 'Z'
     except OSError: return True
 
+# %% ../nbs/30_registry.ipynb #2e0080b4
 @patch
 def reap_stale_runs(self:Registry)->list[str]:
     "Mark `running` runs of this host whose process is gone as `failed`; return their ids"
@@ -279,6 +290,7 @@ def _get_model(c, tag, lock=False):
     q = sa.select(models_table).where(models_table.c.tag == tag)
     return _row(c.execute(q.with_for_update() if lock else q).first())
 
+# %% ../nbs/30_registry.ipynb #cd9ff036
 @patch
 def register_model(self:Registry, tag:str, # BentoML tag 'name:version'
                    run_id:str|None, # the run that trained it
@@ -306,11 +318,13 @@ def register_model(self:Registry, tag:str, # BentoML tag 'name:version'
                                            reasons=_stored(list(reasons or []), 'reasons')))
         return _get_model(c, tag)
 
+# %% ../nbs/30_registry.ipynb #1f0a6920
 @patch
 def get_model(self:Registry, tag:str)->dict|None:
     "The model `tag`, or None"
     with self._read() as c: return _get_model(c, tag)
 
+# %% ../nbs/30_registry.ipynb #3453df78
 @patch
 def list_models(self:Registry, name:str|None=None, # only models of this name
                 stage:str|None=None, # only models in this stage
@@ -321,8 +335,10 @@ def list_models(self:Registry, name:str|None=None, # only models of this name
     if stage is not None: q = q.where(models_table.c.stage == _one_of(stage, STAGES, 'stage'))
     with self._read() as c: return [_row(r) for r in c.execute(q)]
 
+# %% ../nbs/30_registry.ipynb #28a45c8f
 def _names(c)->list[str]: return list(c.execute(sa.select(models_table.c.name).distinct().order_by(models_table.c.name)).scalars())
 
+# %% ../nbs/30_registry.ipynb #9cdb0f4d
 def _resolve_name(c, name):
     if name is not None: return name
     names = _names(c)
@@ -330,6 +346,7 @@ def _resolve_name(c, name):
     if not names: raise RegistryError("no models in the registry yet")
     raise RegistryError(f"the registry holds several model names ({', '.join(names)}); say which with name=")
 
+# %% ../nbs/30_registry.ipynb #4a09b370
 @patch
 def champion(self:Registry, name:str|None=None, # model name; None = the only name in the registry
             )->dict|None:
@@ -342,10 +359,12 @@ def champion(self:Registry, name:str|None=None, # model name; None = the only na
 def _champion_row(c, name):
     return _row(c.execute(sa.select(models_table).where(models_table.c.name == name, models_table.c.stage == 'champion')).first())
 
+# %% ../nbs/30_registry.ipynb #586ae0ba
 def _lock_name(c, name):
     "Serialize promotions of one model name on databases that lock rows (SQLite is already serialized by BEGIN IMMEDIATE)"
     c.execute(sa.select(models_table.c.tag).where(models_table.c.name == name).with_for_update()).all()
 
+# %% ../nbs/30_registry.ipynb #2a53e285
 def _switch(c, name, tag, previous, actor, reason, kind)->dict:
     "Archive `previous`, crown `tag`, write the promotion and audit rows: the body of promote and rollback"
     actor = actor or default_actor()
@@ -357,6 +376,7 @@ def _switch(c, name, tag, previous, actor, reason, kind)->dict:
            dict(previous_tag=previous, kind=kind, promotion_id=i))
     return _row(c.execute(sa.select(promotions_table).where(promotions_table.c.id == i)).first())
 
+# %% ../nbs/30_registry.ipynb #8bd450ed
 @patch
 def promote(self:Registry, tag:str, # the model to make champion
             actor:str|None, # who decided; None = `default_actor()`
@@ -377,6 +397,7 @@ def promote(self:Registry, tag:str, # the model to make champion
         cur = _champion_row(c, m['name'])
         return _switch(c, m['name'], tag, cur and cur['tag'], actor, reason, kind)
 
+# %% ../nbs/30_registry.ipynb #ce0496b7
 def _champion_stack(c, name)->list[str]:
     "Champions of `name` in order, replaying promotions (push) and rollbacks (pop)"
     stack = []
@@ -386,6 +407,7 @@ def _champion_stack(c, name)->list[str]:
         else: stack.append(tag)
     return stack
 
+# %% ../nbs/30_registry.ipynb #25c2fa05
 @patch
 def rollback(self:Registry, actor:str|None, # who decided; None = `default_actor()`
              reason:str, # why, in words
@@ -408,6 +430,7 @@ def rollback(self:Registry, actor:str|None, # who decided; None = `default_actor
                                 f"({'; '.join(map(str, prev['reasons'] or [])) or 'no reason recorded'})")
         return _switch(c, name, prev['tag'], cur['tag'], actor, reason, 'rollback')
 
+# %% ../nbs/30_registry.ipynb #18349228
 @patch
 def promotion_log(self:Registry, name:str|None=None, # only this model name
                   limit:int=50, # newest rows to return
@@ -442,6 +465,7 @@ def set_stage(self:Registry, tag:str, # the model
 # %% ../nbs/30_registry.ipynb #b9a0814e
 def _get_holdout(c, name): return _row(c.execute(sa.select(holdouts_table).where(holdouts_table.c.name == name)).first())
 
+# %% ../nbs/30_registry.ipynb #4d15931d
 @patch
 def set_holdout(self:Registry, name:str, # holdout name, e.g. the model name
                 path:str, # where the holdout data lives
@@ -458,6 +482,7 @@ def set_holdout(self:Registry, name:str, # holdout name, e.g. the model name
     except IntegrityError: pass # another process froze it first (databases without BEGIN IMMEDIATE)
     return self.get_holdout(name)
 
+# %% ../nbs/30_registry.ipynb #5b27f181
 @patch
 def get_holdout(self:Registry, name:str)->dict|None:
     "The frozen holdout `name`, or None"

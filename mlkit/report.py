@@ -24,6 +24,7 @@ def _bin_labels(prof:dict)->list[str]:
         return [f"<{e[0]:.3g}"] + [f"{a:.3g}–{b:.3g}" for a, b in zip(e[:-1], e[1:])] + [f"≥{e[-1]:.3g}", 'missing']
     return [str(v) for v in prof['values']] + ['other', 'missing']
 
+# %% ../nbs/64_report.ipynb #95301b7a
 def plot_distributions(profile:dict, # training profile of the reference model
                        X:pd.DataFrame, # served features (cast)
                        order:list|None=None, # features to show, in this order (default: the profile's)
@@ -68,6 +69,7 @@ def plot_drift_over_time(psi:pd.DataFrame, # windows x features, PSI values (`ml
     fig.autofmt_xdate(); fig.tight_layout()
     return fig
 
+# %% ../nbs/64_report.ipynb #2dd05fd9
 def plot_scores(reference:np.ndarray, served:np.ndarray, # the model's scores on the golden holdout, and live
                 label:str='score'):
     "Distribution of the model's scores: golden holdout against served traffic"
@@ -79,6 +81,7 @@ def plot_scores(reference:np.ndarray, served:np.ndarray, # the model's scores on
     fig.tight_layout()
     return fig
 
+# %% ../nbs/64_report.ipynb #4c58f2a9
 def plot_quality(by_window:pd.DataFrame, # one row per window: the window start and value, low, high, labeled_share
                  offline:float|None, metric:str, # the model's metric on the golden holdout, drawn as a line
                  time_col:str='window'):
@@ -99,6 +102,7 @@ def plot_quality(by_window:pd.DataFrame, # one row per window: the window start 
     fig.autofmt_xdate(); fig.tight_layout()
     return fig
 
+# %% ../nbs/64_report.ipynb #d7df94b7
 def plot_ab(ab:dict):
     "The primary metric of each variant with its confidence interval"
     fig = Figure(figsize=(5, 3)); ax = fig.subplots()
@@ -114,6 +118,7 @@ def plot_ab(ab:dict):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/64_report.ipynb #3bde2def
 def plot_latency(rows:pd.DataFrame, # log rows: ts, variant, shadow, latency_ms
                  freq:str='h'):
     "Model latency p50 and p99 per variant over time"

@@ -79,6 +79,7 @@ def load(run:RetrainRun, data:str='')->pd.DataFrame:
         run.summary['data'].update(time_min=df[ts].min().isoformat(), time_max=df[ts].max().isoformat())
     return df
 
+# %% ../nbs/40_retrain.ipynb #b04de494
 def validate(run:RetrainRun, df:pd.DataFrame)->tuple[dict, ContractReport]:
     "Check `df` against the champion's contract (or infer one on the first run); stop on hard violations"
     d = run.settings.data
@@ -129,6 +130,7 @@ def check_poisoning(run:RetrainRun, df:pd.DataFrame, contract:dict, report:Contr
     run.summary['label_noise'] = noise
     return checks, noise
 
+# %% ../nbs/40_retrain.ipynb #34b8d0a1
 def train(run:RetrainRun, df:pd.DataFrame, contract:dict, model:str='', seed:int|None=None, hyperparameters:dict|None=None):
     "Split, fit the pipeline and the trivial baseline; return (pipeline, baseline, test rows)"
     t = run.settings.train
@@ -138,6 +140,7 @@ def train(run:RetrainRun, df:pd.DataFrame, contract:dict, model:str='', seed:int
     run.summary['model'] = dict(estimator=model, seed=seed, hyperparameters=hyperparameters or {}, train_rows=len(tr), test_rows=len(te))
     return pipe, fit_baseline(tr, contract), te
 
+# %% ../nbs/40_retrain.ipynb #087b12a5
 def assess(run:RetrainRun, pipe, baseline, test:pd.DataFrame, holdout:pd.DataFrame, contract:dict)->dict:
     "Metrics on the test split and the golden holdout, the baseline's and the champion's on the same holdout, and slices"
     s = run.settings
@@ -157,12 +160,14 @@ def _git_commit(root:Path)->str:
         return sha + ('-dirty' if sha and dirty else '')
     except (OSError, subprocess.SubprocessError): return ''
 
+# %% ../nbs/40_retrain.ipynb #44371301
 def versions()->dict:
     "Versions of the libraries a model depends on"
     import sklearn, bentoml, skops
     return dict(python=platform.python_version(), mlkit=mlkit.__version__, scikit_learn=sklearn.__version__,
                 pandas=pd.__version__, numpy=np.__version__, bentoml=bentoml.__version__, skops=skops.__version__)
 
+# %% ../nbs/40_retrain.ipynb #da7e0a54
 def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contract:dict, metrics:dict)->str:
     "Save the pipeline with its lineage into the model store and the registry (as a challenger); return its tag"
     s = run.settings
@@ -178,6 +183,7 @@ def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contra
     run.summary['model_tag'] = saved['tag']
     return saved['tag']
 
+# %% ../nbs/40_retrain.ipynb #21b3b755
 def decide(run:RetrainRun, tag:str, checks:list[Check], metrics:dict)->dict:
     "Apply the gate: promote `tag`, keep it as a challenger, or reject it"
     s = run.settings
@@ -190,6 +196,7 @@ def decide(run:RetrainRun, tag:str, checks:list[Check], metrics:dict)->dict:
     run.summary.update(decision=d['decision'], reasons=d['reasons'])
     return d
 
+# %% ../nbs/40_retrain.ipynb #72972d8f
 def finish(run:RetrainRun)->dict:
     "Record the run as succeeded; write metrics.json and summary.json; return the summary"
     champ = run.registry.champion(model_name(run.settings))

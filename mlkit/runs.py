@@ -81,10 +81,12 @@ def start(run:JobRun, forced:bool=False, # a person overrode a guard (audited by
     write_json(run.run_dir/'parameters.json', run.params)
     return run
 
+# %% ../nbs/39_runs.ipynb #4229a87a
 def write_summary(run:JobRun)->Path:
     "Write the run's summary (tables as records, NaN as null) to summary.json"
     return write_json(run.run_dir/'summary.json', to_records(run.summary))
 
+# %% ../nbs/39_runs.ipynb #9888ce09
 def succeed(run:JobRun, reason:str='', # one line: what the run decided
             **fields, # registry run fields: metrics, decision, model_tag, data_fingerprint, notebook
            )->dict:
@@ -94,6 +96,7 @@ def succeed(run:JobRun, reason:str='', # one line: what the run decided
     run.registry.finish_run(run.run_id, 'succeeded', reason, **fields)
     return run.summary
 
+# %% ../nbs/39_runs.ipynb #d2f9a237
 def refuse(run:JobRun, reason:str, # why a guard said no
            **summary, # more entries of the summary
           )->dict:
@@ -109,6 +112,7 @@ def one_line(error:BaseException)->str:
     "`Name: message` of an error, its first line, at most 500 characters: how a run records it"
     return f"{type(error).__name__}: {error}".strip().splitlines()[0][:500]
 
+# %% ../nbs/39_runs.ipynb #0c158fbd
 def record_failure(settings:Settings, # the project's settings
                    kind:str, # 'retrain' or 'monitor'
                    run_id:str, # the run that failed

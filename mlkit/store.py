@@ -20,6 +20,7 @@ def store_home(settings)->Path:
     "The BentoML home of the project: `<state_dir>/bentoml`"
     return Path(settings.state_dir)/'bentoml'
 
+# %% ../nbs/31_store.ipynb #00f66042
 def use_store(settings, # the project's settings
              )->Path:
     "Point BentoML at the project's model store for this process and its children; returns the BentoML home"
@@ -41,6 +42,7 @@ def use_store(settings, # the project's settings
     C.result_store_file.set(os.path.realpath(os.environ.get('BENTOML_RESULT_STORE', str(home/'task_result.db'))))
     return home
 
+# %% ../nbs/31_store.ipynb #cffc447b
 def _model_store(settings):
     "BentoML's `ModelStore` of the project"
     import bentoml
@@ -88,12 +90,14 @@ def _fsync(path:Path):
         finally: os.close(fd)
     except OSError: pass
 
+# %% ../nbs/31_store.ipynb #b576a90f
 def _pid_alive(pid:int)->bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
     except OSError: return True
     return True
 
+# %% ../nbs/31_store.ipynb #a7a1402c
 def _sweep(staging:Path, max_age_s:float=86_400):
     "Remove staging folders left by killed saves: their process is gone, or they are older than a day"
     host = socket.gethostname()
@@ -104,12 +108,14 @@ def _sweep(staging:Path, max_age_s:float=86_400):
         except OSError: continue
         if dead or old: shutil.rmtree(d, ignore_errors=True)
 
+# %% ../nbs/31_store.ipynb #2d823da9
 def _dumps(pipeline, name)->bytes:
     try: return _skops().dumps(pipeline)
     except Exception as e: # skops raises TypeError, RecursionError, ... for what it cannot save
         raise StoreError(f"cannot save {type(pipeline).__name__} as model '{name}' in the skops format: "
                          f"{type(e).__name__}: {str(e)[:200]}") from None
 
+# %% ../nbs/31_store.ipynb #0877041f
 def _publish(staged:Path, models_dir:Path, name:str, version:str)->Path:
     "Move a finished model folder into the store in one atomic rename and point `latest` at it"
     for f in staged.rglob('*'):
@@ -124,6 +130,7 @@ def _publish(staged:Path, models_dir:Path, name:str, version:str)->Path:
     _fsync(dst.parent)
     return dst
 
+# %% ../nbs/31_store.ipynb #5b291f93
 def save_pipeline(pipeline, # a fitted scikit-learn pipeline (or any object skops can save)
                   settings, # the project's settings
                   metadata:dict|None=None, # JSON-able facts to keep with the model (metrics, run id, data fingerprint)
@@ -152,12 +159,14 @@ def save_pipeline(pipeline, # a fitted scikit-learn pipeline (or any object skop
     finally: shutil.rmtree(work, ignore_errors=True)
     return dict(tag=str(m.tag), sha256=digest, path=str(dst), artifact=str(dst/ARTIFACT))
 
+# %% ../nbs/31_store.ipynb #db15eaba
 def _drop_none(v):
     "`v` without None values in dicts (BentoML metadata has no null; a missing key reads back as None with `.get`)"
     if isinstance(v, dict): return {k: _drop_none(x) for k, x in v.items() if x is not None}
     if isinstance(v, list): return [_drop_none(x) for x in v]
     return v
 
+# %% ../nbs/31_store.ipynb #6c4d16af
 def _version(dist:str)->str:
     from importlib.metadata import PackageNotFoundError, version
     try: return version(dist)
@@ -170,11 +179,13 @@ def _get(store, tag:str):
     except NotFound: raise StoreError(f"no model '{tag}' in the model store {store._path}") from None
     except (BentoMLException, ValueError, OSError) as e: raise StoreError(f"cannot read model '{tag}' from the store: {e}") from None
 
+# %% ../nbs/31_store.ipynb #b7480232
 def _info(m)->dict:
     meta = dict(m.info.metadata)
     return dict(tag=str(m.tag), name=m.tag.name, version=m.tag.version, creation_time=m.creation_time, metadata=meta,
                 labels=dict(m.info.labels), path=str(m.path), artifact=str(m.path_of(ARTIFACT)), sha256=meta.get('artifact_sha256'))
 
+# %% ../nbs/31_store.ipynb #d02d58cf
 def model_info(tag:str, # 'name:version', 'name:latest' or 'name'
                settings, # the project's settings
                verify:bool=False, # also hash the artifact and report `intact`
@@ -186,6 +197,7 @@ def model_info(tag:str, # 'name:version', 'name:latest' or 'name'
     if verify: info['intact'] = p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() == info['sha256']
     return info
 
+# %% ../nbs/31_store.ipynb #7e76c579
 def load_pipeline(tag:str, # 'name:version', 'name:latest' or 'name'
                   settings, # the project's settings
                   expected_sha256:str|None=None, # the sha256 the registry recorded, checked too when given
@@ -193,6 +205,7 @@ def load_pipeline(tag:str, # 'name:version', 'name:latest' or 'name'
     "Check and load a stored pipeline; returns it and its info (tag, metadata, creation_time, ...)"
     return load_stored(_get(_model_store(settings), tag), expected_sha256)
 
+# %% ../nbs/31_store.ipynb #025233c2
 def load_stored(model, # a BentoML stored model (from a store, or a service's `BentoModel` resolved in a bento)
                 expected_sha256:str|None=None, # a sha256 recorded elsewhere, checked too when given
                )->tuple[Any, dict]:
@@ -239,6 +252,7 @@ def list_store(settings, # the project's settings
             except Exception as e: broken.append(dict(tag=f"{nd.name}:{vd.name}", path=str(vd), error=f"{type(e).__name__}: {e}"))
     return sorted(res, key=lambda i: i['creation_time'], reverse=True) + broken
 
+# %% ../nbs/31_store.ipynb #a351f724
 def delete_model(tag:str, # 'name:version'
                  settings, # the project's settings
                 )->dict:
