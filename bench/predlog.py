@@ -17,7 +17,8 @@ from pathlib import Path
 
 import psutil
 
-from mlkit.predlog import PredictionLog, check_row, encode_row
+from mlkit.logrules import check_row, encode_row
+from mlkit.predlog import PredictionLog
 from mlkit import logread  # noqa: F401  adds PredictionLog.read
 from common import in_child  # bench/common.py: run in a forked child, measure its peak memory
 

@@ -18,7 +18,8 @@ from fastcore.basics import patch
 
 from .errors import PredictionLogError
 from .db import time_window
-from .predlog import PredictionLog, predictions_table, stored_ts
+from .logrules import predictions_table
+from .predlog import PredictionLog, stored_ts
 
 # %% auto #0
 __all__ = ['LOG_COLUMNS', 'feature_column']

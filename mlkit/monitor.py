@@ -4,23 +4,20 @@
 
 # %% ../nbs/63_monitor.ipynb #ebbdf5e5
 from __future__ import annotations
-import json, resource, time
+import json, resource
 from dataclasses import dataclass, field, asdict
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .config import Settings
-from .contract import features
 from .data import read_table
 from .errors import JobFailed, MlkitError, MonitorError, RetrainRefused
 from .jobs import retrain
 from .db import time_window
-from .logread import feature_column
-from .logwindow import LogWindow, read_log
-from .predlog import PredictionLog
+from .logwindow import LogWindow
 from .registry import Registry, default_actor
 from .jsonsafe import to_records
 from .runs import JobRun, load_champion, run_inline, start, succeed

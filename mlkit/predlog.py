@@ -4,13 +4,12 @@
 
 # %% ../nbs/46_predlog.ipynb #200f5139
 from __future__ import annotations
-import atexit, json, logging, math, operator, os, threading, time
+import atexit, logging, math, operator, os, threading, time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -19,131 +18,13 @@ from fastcore.basics import patch
 
 from .errors import PredictionLogError
 from .db import UTCDateTime, make_engine, utcnow, write_transaction
-from .jsonsafe import jsonable, to_plain
+from .logrules import ROW_COLUMNS, check_feedback, check_row, encode_row, predictions_table, predlog_metadata
 
 # %% auto #0
-__all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'EXIT_TIMEOUT_S', 'FEEDBACK_KEYS', 'encode_row', 'check_row',
-           'PredictionLog', 'stored_ts', 'check_feedback']
+__all__ = ['EXIT_TIMEOUT_S', 'PredictionLog', 'stored_ts']
 
 # %% ../nbs/46_predlog.ipynb #7dd2d110
 _logger = logging.getLogger('mlkit.predlog')
-
-# %% ../nbs/46_predlog.ipynb #f0e46809
-VARIANTS = ('champion', 'challenger')
-predlog_metadata = sa.MetaData()
-_MAXLEN = 200 # request_id, model_tag, entity
-
-def _required()->dict: return dict(row='required') # column info: a key every logged row has
-def _default(v)->dict: return dict(row='default', default=v) # column info: a key a row may leave out, then `v`
-
-predictions_table = sa.Table('predictions', predlog_metadata,
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), primary_key=True, autoincrement=True),
-    sa.Column('request_id', sa.String(_MAXLEN), nullable=False, info=_required()),
-    sa.Column('ts', UTCDateTime, nullable=False, info=_default(None)), # None: the time of the log() call
-    sa.Column('variant', sa.String(20), nullable=False, info=_default('champion')),
-    sa.Column('shadow', sa.Boolean, nullable=False, info=_default(False)),
-    sa.Column('model_tag', sa.String(_MAXLEN), nullable=False, info=_required()),
-    sa.Column('entity', sa.String(_MAXLEN), info=_default(None)),
-    sa.Column('features', sa.Text, nullable=False, info=_required()), # JSON object
-    sa.Column('prediction', sa.Text, info=_required()), # JSON scalar
-    sa.Column('proba', sa.Text, info=_default(None)), # JSON object class -> probability
-    sa.Column('latency_ms', sa.Float, info=_default(None)),
-    sa.Column('status', sa.Integer, nullable=False, info=_default(200)),
-    sa.Column('label', sa.Text), # JSON value, set by feedback
-    sa.Column('label_at', UTCDateTime), # set by feedback
-    sa.UniqueConstraint('request_id', 'variant', 'shadow', name='ux_predictions_request'),
-    sa.Index('ix_predictions_ts', 'ts'),
-)
-
-# %% ../nbs/46_predlog.ipynb #49ac7a43
-_REQUIRED = tuple(c.name for c in predictions_table.columns if c.info.get('row') == 'required')
-_DEFAULTS = {c.name: c.info['default'] for c in predictions_table.columns if c.info.get('row') == 'default'}
-_KEYS = frozenset(_REQUIRED) | frozenset(_DEFAULTS)
-_COLS = tuple(c.name for c in predictions_table.columns if 'row' in c.info) # what log() writes, in table order
-
-# %% ../nbs/46_predlog.ipynb #bd8c0432
-_ENC = json.JSONEncoder(separators=(',', ':'), allow_nan=False, default=to_plain)
-
-def _json_text(v:Any, what:str)->str:
-    "`v` as compact JSON text; NaN/inf become null; `PredictionLogError` naming `what` if `v` is not JSON-able"
-    try: return _ENC.encode(v)
-    except ValueError: pass # NaN or inf somewhere (or a circular reference): take the slow path
-    except TypeError as e: raise PredictionLogError(f"{what} cannot be stored as JSON: {e}") from None
-    return _ENC.encode(jsonable(v, what, PredictionLogError))
-
-# %% ../nbs/46_predlog.ipynb #28bc0d29
-_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
-_KEY_TYPES = frozenset({str, int})
-
-def _json_later(d:dict, what:str)->dict|str:
-    "A flat dict of plain scalars, copied for the writer thread to encode; anything else encoded (and so checked) now"
-    if _KEY_TYPES.issuperset(map(type, d)) and _PLAIN_TYPES.issuperset(map(type, d.values())): return dict(d)
-    return _json_text({str(k): v for k, v in d.items()}, what)
-
-# %% ../nbs/46_predlog.ipynb #cc3b7736
-def encode_row(v:dict, # the values of one insert, from `check_row`
-              )->dict:
-    "`v` with the JSON values `check_row` left to the writer thread encoded, in place"
-    if type(f := v['features']) is dict: v['features'] = _json_text(f, 'features')
-    if type(p := v['proba']) is dict: v['proba'] = _json_text({str(k): x for k, x in p.items()}, 'proba')
-    return v
-
-# %% ../nbs/46_predlog.ipynb #5c24ec85
-def _text(v, what:str, where:str, required:bool=True)->str|None:
-    "`v` checked as a non-empty text of at most 200 characters without NUL; optional: None stays None, an int becomes text"
-    if v is None and not required: return None
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and not required: v = str(v)
-    if not isinstance(v, str) or not v or len(v) > _MAXLEN or '\x00' in v:
-        raise PredictionLogError(f"{where}: {what} must be a non-empty string of at most {_MAXLEN} characters, got {v!r:.80}")
-    return v
-
-# %% ../nbs/46_predlog.ipynb #a818bf29
-def check_row(r:dict, # a row as given to `log` (keys: the table above)
-              i:int=0, # its position in the call, for messages
-              now:datetime|None=None, # the time of a row without `ts` (default: now)
-             )->dict:
-    "Row `i` checked and turned into the values of one insert; `PredictionLogError` naming the row and what is wrong"
-    if not isinstance(r, dict): raise PredictionLogError(f"row {i}: expected a dict, got {type(r).__name__}")
-    if missing := [k for k in _REQUIRED if k not in r]:
-        raise PredictionLogError(f"row {i}: missing {', '.join(missing)} (a row needs {', '.join(_REQUIRED)})")
-    rid = _text(r['request_id'], 'request_id', f"row {i}")
-    where = f"row {i} (request_id {rid!r})"
-    if extra := r.keys() - _KEYS:
-        raise PredictionLogError(f"{where}: unknown key(s) {', '.join(sorted(map(str, extra)))}; a row has {', '.join(sorted(_KEYS))}")
-    ts = r.get('ts', _DEFAULTS['ts']) or now or utcnow()
-    if not isinstance(ts, datetime): raise PredictionLogError(f"{where}: ts must be a datetime, got {type(ts).__name__}")
-    if ts.tzinfo is None or ts.utcoffset() is None:
-        raise PredictionLogError(f"{where}: ts {ts.isoformat()} has no timezone; pass an aware datetime, e.g. datetime.now(timezone.utc)")
-    if ts.tzinfo is not timezone.utc: ts = ts.astimezone(timezone.utc)
-    variant = r.get('variant', _DEFAULTS['variant'])
-    if variant not in VARIANTS: raise PredictionLogError(f"{where}: variant must be {' or '.join(map(repr, VARIANTS))}, got {variant!r}")
-    shadow = r.get('shadow', _DEFAULTS['shadow'])
-    if shadow not in (True, False): raise PredictionLogError(f"{where}: shadow must be True or False, got {shadow!r}")
-    feats = r['features']
-    if not isinstance(feats, dict): raise PredictionLogError(f"{where}: features must be a dict, got {type(feats).__name__}")
-    pred = r['prediction']
-    if isinstance(pred, np.generic): pred = pred.item()
-    if not (pred is None or isinstance(pred, (str, int, float))):
-        raise PredictionLogError(f"{where}: prediction must be a JSON scalar (str, number, bool or None), got {type(pred).__name__}")
-    proba = r.get('proba', _DEFAULTS['proba'])
-    if proba is not None:
-        if not isinstance(proba, dict): raise PredictionLogError(f"{where}: proba must be a dict class -> probability or None, got {type(proba).__name__}")
-        proba = _json_later(proba, f"{where}: proba")
-    lat = r.get('latency_ms', _DEFAULTS['latency_ms'])
-    if lat is not None:
-        if isinstance(lat, bool) or not isinstance(lat, (int, float, np.number)):
-            raise PredictionLogError(f"{where}: latency_ms must be a number, got {lat!r:.80}")
-        lat = float(lat) if math.isfinite(lat) else None
-    status = r.get('status', _DEFAULTS['status'])
-    try:
-        if isinstance(status, bool): raise TypeError
-        status = operator.index(status)
-    except TypeError: raise PredictionLogError(f"{where}: status must be an int, got {status!r:.80}") from None
-    return dict(request_id=rid, ts=ts, variant=variant, shadow=bool(shadow),
-                model_tag=_text(r['model_tag'], 'model_tag', where), entity=_text(r.get('entity', _DEFAULTS['entity']), 'entity', where, False),
-                features=_json_later(feats, f"{where}: features"),
-                prediction=None if pred is None else str(pred) if type(pred) is int else _json_text(pred, f"{where}: prediction"),
-                proba=proba, latency_ms=lat, status=status)
 
 # %% ../nbs/46_predlog.ipynb #88aadbec
 _PLACEHOLDERS = dict(qmark='?', format='%s', pyformat='%s') # drivers we hand plain SQL to: sqlite3, psycopg
@@ -234,13 +115,13 @@ def stored_ts(v:datetime, # an aware UTC datetime
     return f"{v:%Y-%m-%d %H:%M:%S.%f}" if is_sqlite else v
 
 # %% ../nbs/46_predlog.ipynb #80d6e163
-_VALUES, _TS = operator.itemgetter(*_COLS), _COLS.index('ts') # a row's values in the order of _COLS; where ts is
+_VALUES, _TS = operator.itemgetter(*ROW_COLUMNS), ROW_COLUMNS.index('ts') # a row's values in the order of ROW_COLUMNS; where ts is
 
 @patch
 def _insert_rows(self:PredictionLog, c:Connection, batch:list[dict]):
     "INSERT ... ON CONFLICT DO NOTHING of `batch`: plain SQL and `executemany` for sqlite3 and psycopg, SQLAlchemy Core for others"
     if self._mark is None: return c.execute(self._insert, batch)
-    sql = (f"INSERT INTO predictions ({', '.join(_COLS)}) VALUES ({', '.join([self._mark] * len(_COLS))}) "
+    sql = (f"INSERT INTO predictions ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join([self._mark] * len(ROW_COLUMNS))}) "
            "ON CONFLICT (request_id, variant, shadow) DO NOTHING")
     rows = map(_VALUES, batch)
     if self._sqlite: rows = ((*r[:_TS], stored_ts(r[_TS], True), *r[_TS + 1:]) for r in rows)
@@ -416,33 +297,6 @@ def close(self:PredictionLog, timeout:float|None=None, # seconds to wait for the
         if th is not None and th.is_alive(): return # still trying: leave it the engine
     atexit.unregister(self._at_exit)
     self.engine.dispose()
-
-# %% ../nbs/46_predlog.ipynb #baeaf4ec
-FEEDBACK_KEYS = ('request_id', 'label')
-
-def _feedback_problem(index, field_, rule, message): return dict(index=index, field=field_, rule=rule, message=message)
-
-def check_feedback(items:list, # feedback items as parsed from JSON: {'request_id': str, 'label': JSON value}
-                  )->tuple[dict, list[dict]]:
-    "The labels as JSON text by request id, and the problems of the items (index, field, rule, message), empty when all are valid"
-    labels, problems = {}, []
-    for i, it in enumerate(items):
-        if not isinstance(it, dict):
-            problems.append(_feedback_problem(i, None, 'type', f"feedback item {i}: expected an object with request_id and label, got {type(it).__name__}")); continue
-        if missing := [k for k in FEEDBACK_KEYS if k not in it]:
-            problems += [_feedback_problem(i, k, 'required', f"feedback item {i}: missing '{k}'") for k in missing]; continue
-        try: rid = _text(it['request_id'], 'request_id', f"feedback item {i}")
-        except PredictionLogError as e: problems.append(_feedback_problem(i, 'request_id', 'type', str(e))); continue
-        if extra := it.keys() - set(FEEDBACK_KEYS):
-            problems.append(_feedback_problem(i, sorted(map(str, extra))[0], 'unknown', f"feedback item {i} (request_id {rid!r}): unknown key(s) {', '.join(sorted(map(str, extra)))}; an item has request_id and label"))
-            continue
-        lab = it['label']
-        try: text = _json_text(lab, f"feedback item {i} (request_id {rid!r}): label")
-        except PredictionLogError as e: problems.append(_feedback_problem(i, 'label', 'type', str(e))); continue
-        if text == 'null':  # None, NaN or inf: a label that says nothing must not erase one that was given
-            problems.append(_feedback_problem(i, 'label', 'not_null', f"feedback item {i} (request_id {rid!r}): label must be a value, got {lab!r}")); continue
-        labels[rid] = text
-    return labels, problems
 
 # %% ../nbs/46_predlog.ipynb #62d5f871
 def _chunked(xs:list, n:int=500)->Iterator[list]:

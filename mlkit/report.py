@@ -4,9 +4,6 @@
 
 # %% ../nbs/64_report.ipynb #de7a74bd
 from __future__ import annotations
-import os
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure

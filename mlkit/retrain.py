@@ -6,7 +6,7 @@
 from __future__ import annotations
 import json, os, platform, subprocess
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np

@@ -4,7 +4,7 @@
 
 # %% ../nbs/39_runs.ipynb #8703d90b
 from __future__ import annotations
-import contextlib, io, os, re, secrets, time
+import contextlib, io, re, secrets, time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
