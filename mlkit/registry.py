@@ -15,13 +15,13 @@ from sqlalchemy.exc import IntegrityError
 from fastcore.basics import patch
 
 from .errors import RegistryError
-from .db import UTCDateTime, make_engine, utc, utcnow, write_transaction
+from .db import make_engine, utc, utcnow, write_transaction
 from .jsonsafe import jsonable
+from .registry_schema import (PROMOTION_KINDS, RUN_KINDS, RUN_STATUSES, STAGES, TRIGGERS, audit_table, holdouts_table,
+                                    models_table, promotions_table, registry_metadata, runs_table)
 
 # %% auto #0
-__all__ = ['RUN_KINDS', 'RUN_STATUSES', 'TRIGGERS', 'STAGES', 'PROMOTION_KINDS', 'registry_metadata', 'runs_table',
-           'models_table', 'promotions_table', 'audit_table', 'holdouts_table', 'RUN_FIELDS', 'RATE_LIMITED_STATUSES',
-           'default_actor', 'Registry']
+__all__ = ['RUN_FIELDS', 'RATE_LIMITED_STATUSES', 'default_actor', 'Registry']
 
 # %% ../nbs/30_registry.ipynb #53b37e2e
 def default_actor()->str:
@@ -30,84 +30,6 @@ def default_actor()->str:
     try: user = getpass.getuser()
     except Exception: user = 'unknown'
     return f"{user}@{socket.gethostname()}"
-
-# %% ../nbs/30_registry.ipynb #b46c3b64
-RUN_KINDS = ('retrain', 'monitor')
-RUN_STATUSES = ('running', 'succeeded', 'failed', 'refused')
-TRIGGERS = ('manual', 'schedule', 'monitor')
-STAGES = ('champion', 'challenger', 'archived', 'rejected')
-PROMOTION_KINDS = ('promote', 'rollback', 'gate')
-
-registry_metadata = sa.MetaData()
-_s, _t, _json = sa.String(200), sa.Text(), sa.JSON()
-
-runs_table = sa.Table('runs', registry_metadata,
-    sa.Column('id', _s, primary_key=True),
-    sa.Column('kind', sa.String(20), nullable=False),
-    sa.Column('status', sa.String(20), nullable=False),
-    sa.Column('trigger', sa.String(20), nullable=False),
-    sa.Column('forced', sa.Boolean, nullable=False, default=False),
-    sa.Column('started_at', UTCDateTime, nullable=False),
-    sa.Column('finished_at', UTCDateTime),
-    sa.Column('params', _json),
-    sa.Column('data_fingerprint', _s),
-    sa.Column('metrics', _json),
-    sa.Column('decision', _s),
-    sa.Column('reason', _t),
-    sa.Column('model_tag', _s),
-    sa.Column('notebook', _t),
-    sa.Column('host', _s), # where the run's process ran, and its pid: `reap_stale_runs` finds runs whose process died
-    sa.Column('pid', sa.Integer),
-    sa.Index('ix_runs_kind_started', 'kind', 'started_at'),
-)
-
-models_table = sa.Table('models', registry_metadata,
-    sa.Column('tag', _s, primary_key=True),
-    sa.Column('name', _s, nullable=False),
-    sa.Column('run_id', _s),
-    sa.Column('stage', sa.String(20), nullable=False),
-    sa.Column('created_at', UTCDateTime, nullable=False),
-    sa.Column('metrics', _json),
-    sa.Column('data_fingerprint', _s),
-    sa.Column('artifact_sha256', sa.String(64)),
-    sa.Column('parent_tag', _s),
-    sa.Column('reasons', _json),
-    sa.Index('ix_models_name', 'name'),
-    sa.Index('ux_models_one_champion', 'name', unique=True,
-             sqlite_where=sa.text("stage = 'champion'"), postgresql_where=sa.text("stage = 'champion'")),
-)
-
-promotions_table = sa.Table('promotions', registry_metadata,
-    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column('name', _s, nullable=False),
-    sa.Column('tag', _s, nullable=False),
-    sa.Column('previous_tag', _s),
-    sa.Column('at', UTCDateTime, nullable=False),
-    sa.Column('actor', _s, nullable=False),
-    sa.Column('reason', _t),
-    sa.Column('kind', sa.String(20), nullable=False),
-    sa.Index('ix_promotions_name', 'name', 'id'),
-)
-
-audit_table = sa.Table('audit', registry_metadata,
-    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column('at', UTCDateTime, nullable=False),
-    sa.Column('actor', _s, nullable=False),
-    sa.Column('action', sa.String(50), nullable=False),
-    sa.Column('target', _s),
-    sa.Column('reason', _t),
-    sa.Column('details', _json),
-)
-
-holdouts_table = sa.Table('holdouts', registry_metadata,
-    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column('name', _s, nullable=False, unique=True),
-    sa.Column('path', _t, nullable=False),
-    sa.Column('sha256', sa.String(64), nullable=False),
-    sa.Column('rows', sa.Integer, nullable=False),
-    sa.Column('created_at', UTCDateTime, nullable=False),
-    sa.Column('run_id', _s),
-)
 
 # %% ../nbs/30_registry.ipynb #def87509
 def _row(r)->dict|None: return None if r is None else dict(r._mapping)
