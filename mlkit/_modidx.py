@@ -199,6 +199,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlkit.jsonsafe.to_records': ('jsonsafe.html#to_records', 'mlkit/jsonsafe.py'),
                                 'mlkit.jsonsafe.write_json': ('jsonsafe.html#write_json', 'mlkit/jsonsafe.py')},
             'mlkit.metrics': { 'mlkit.metrics.check_metric': ('metrics.html#check_metric', 'mlkit/metrics.py'),
+                               'mlkit.metrics.fmt_num': ('metrics.html#fmt_num', 'mlkit/metrics.py'),
+                               'mlkit.metrics.fmt_share': ('metrics.html#fmt_share', 'mlkit/metrics.py'),
                                'mlkit.metrics.improvement': ('metrics.html#improvement', 'mlkit/metrics.py'),
                                'mlkit.metrics.score': ('metrics.html#score', 'mlkit/metrics.py')},
             'mlkit.monitor': { 'mlkit.monitor.Finding': ('monitor.html#finding', 'mlkit/monitor.py'),
