@@ -13,8 +13,8 @@ from .errors import DataError
 
 # %% auto #0
 __all__ = ['column_kind', 'infer_contract', 'features', 'target_classes', 'as_numeric', 'as_floats', 'category_label',
-           'distinct_values', 'as_boolean', 'as_category', 'label_codes', 'label_counts', 'Violation', 'ContractReport',
-           'check_contract', 'coerce_features']
+           'distinct_values', 'as_boolean', 'as_category', 'label_codes', 'label_counts', 'class_codes', 'class_names',
+           'Violation', 'ContractReport', 'check_contract', 'coerce_features']
 
 # %% ../nbs/12_contract.ipynb #878cab91
 def column_kind(s:pd.Series, # a column of the data
@@ -155,6 +155,36 @@ def label_counts(s:pd.Series, # a column of any type
     "Rows of `s` per text label (missing values left out), in order of first appearance"
     codes, labels = label_codes(s)
     return pd.Series(np.bincount(codes[codes >= 0], minlength=len(labels)), index=pd.Index(labels, dtype=object), dtype=np.int64)
+
+# %% ../nbs/12_contract.ipynb #b13be2ce
+def _spellings(u)->list[str]:
+    "The ways a label value may be written as a class name, the plainest last"
+    ks = [str(u)]
+    if isinstance(u, (bool, np.bool_)): ks.append(str(int(u)))
+    elif isinstance(u, (float, np.floating)) and np.isfinite(u) and float(u).is_integer(): ks.append(str(int(u)))
+    elif isinstance(u, str):
+        try: f = float(u)
+        except ValueError: f = None
+        if f is not None and np.isfinite(f) and f.is_integer(): ks.append(str(int(f)))
+    return ks
+
+# %% ../nbs/12_contract.ipynb #30361b9a
+def class_codes(values, # labels or predicted labels (any JSON scalars; None/NaN = missing)
+                classes:list[str], # class names, as in the contract
+               )->np.ndarray:
+    "Index of each value in `classes` (compared as text; 1.0 matches '1'); -1 for missing or unknown values"
+    idx = {str(c): i for i, c in enumerate(classes)}
+    codes, uniq = pd.factorize(pd.Series(values, copy=False).reset_index(drop=True))
+    lut = np.array([next((idx[k] for k in _spellings(u) if k in idx), -1) for u in uniq] + [-1], dtype=np.int64)
+    return lut[codes]
+
+# %% ../nbs/12_contract.ipynb #097ec9e1
+def class_names(*cols, # columns of labels or predicted labels (any JSON scalars)
+               )->list[str]:
+    "Sorted class names seen in `cols`, each value by its plainest spelling (1.0 and True read '1')"
+    seen = set()
+    for c in cols: seen.update(_spellings(u)[-1] for u in pd.unique(pd.Series(c).dropna()))
+    return sorted(seen)
 
 # %% ../nbs/12_contract.ipynb #fa32ebd5
 @dataclass
