@@ -10,15 +10,19 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .quality import QualityError, prepare_labeled, measure_labeled, z_value, fmt_num, fmt_share
-from .metrics import HIGHER_IS_BETTER
+from .errors import QualityError
+from .metrics import HIGHER_IS_BETTER, fmt_num
+from .quality import prepare_labeled, measure_labeled, z_value
 
 # %% auto #0
 __all__ = ['VARIANT_NAMES', 'ab_test']
 
-# %% ../nbs/62_abtest.ipynb #7ae02374
-VARIANT_NAMES = ('champion', 'challenger')
+# %% ../nbs/62_abtest.ipynb #f95671cc
+def _se_diff(ch:dict, cl:dict)->float:
+    "Standard error of the difference between two independent arms' metrics"
+    return math.sqrt(ch['se']**2 + cl['se']**2)
 
+# %% ../nbs/62_abtest.ipynb #7ae02374
 def _welch(a:np.ndarray, b:np.ndarray)->tuple[float, float, float]:
     "Welch's t: standard error of mean(a) - mean(b), degrees of freedom, two-sided p of the difference"
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
@@ -27,29 +31,41 @@ def _welch(a:np.ndarray, b:np.ndarray)->tuple[float, float, float]:
     df = (va + vb)**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     return se, df, float(2 * stats.t.sf(abs((a.mean() - b.mean()) / se), df))
 
-def _compare(metric:str, ch:dict, cl:dict, ch_loss, cl_loss, alpha:float)->dict:
-    "diff (positive = challenger better), ci_low, ci_high, p_value, test, se of the difference"
-    sign = 1 if HIGHER_IS_BETTER[metric] else -1
-    diff = sign * (cl['value'] - ch['value'])
-    z = z_value(alpha)
-    if metric == 'accuracy':
-        n1, n2 = ch['n'], cl['n']
-        pool = (ch['value'] * n1 + cl['value'] * n2) / (n1 + n2)
-        se0 = math.sqrt(pool * (1 - pool) * (1/n1 + 1/n2))
-        se = math.sqrt(ch['se']**2 + cl['se']**2)
-        p = 1. if se0 == 0 else float(2 * stats.norm.sf(abs(diff) / se0))
-        return dict(diff=diff, ci_low=diff - z*se, ci_high=diff + z*se, p_value=p, test='two_proportion_z', se=se)
-    if metric in ('log_loss', 'mae', 'rmse'):
-        se_t, df, p = _welch(cl_loss, ch_loss)
-        if metric == 'rmse': # the test on the MSE; the interval of the RMSE difference by the delta method
-            se = math.sqrt(ch['se']**2 + cl['se']**2)
-            return dict(diff=diff, ci_low=diff - z*se, ci_high=diff + z*se, p_value=p, test='welch_t_squared_errors', se=se)
-        q = float(stats.t.ppf(1 - alpha/2, df)) if np.isfinite(df) else z
-        return dict(diff=diff, ci_low=diff - q*se_t, ci_high=diff + q*se_t, p_value=p, test='welch_t', se=se_t)
-    se = math.sqrt(ch['se']**2 + cl['se']**2)
+# %% ../nbs/62_abtest.ipynb #465e157b
+def _two_proportion(ch:dict, cl:dict, diff:float, z:float)->dict:
+    "Accuracy: the two-proportion z-test (pooled under the null) and the Wald interval of the difference"
+    n1, n2 = ch['n'], cl['n']
+    pool = (ch['value'] * n1 + cl['value'] * n2) / (n1 + n2)
+    se0, se = math.sqrt(pool * (1 - pool) * (1/n1 + 1/n2)), _se_diff(ch, cl)
+    p = 1. if se0 == 0 else float(2 * stats.norm.sf(abs(diff) / se0))
+    return dict(diff=diff, ci_low=diff - z*se, ci_high=diff + z*se, p_value=p, test='two_proportion_z', se=se)
+
+# %% ../nbs/62_abtest.ipynb #af74786e
+def _loss_test(metric:str, ch:dict, cl:dict, ch_loss:np.ndarray, cl_loss:np.ndarray, diff:float, alpha:float, z:float)->dict:
+    "log_loss, mae: Welch's t on the per-row losses; rmse: that test on the squared errors, the interval of the RMSE difference by the delta method"
+    se_t, df, p = _welch(cl_loss, ch_loss)
+    if metric == 'rmse':
+        se = _se_diff(ch, cl)
+        return dict(diff=diff, ci_low=diff - z*se, ci_high=diff + z*se, p_value=p, test='welch_t_squared_errors', se=se)
+    q = float(stats.t.ppf(1 - alpha/2, df)) if np.isfinite(df) else z
+    return dict(diff=diff, ci_low=diff - q*se_t, ci_high=diff + q*se_t, p_value=p, test='welch_t', se=se_t)
+
+# %% ../nbs/62_abtest.ipynb #d5438fca
+def _z_test(metric:str, ch:dict, cl:dict, diff:float, z:float)->dict:
+    "roc_auc (DeLong standard errors), f1 and r2 (bootstrap ones): a z-test on the difference"
+    se = _se_diff(ch, cl)
     p = float(2 * stats.norm.sf(abs(diff) / se)) if se > 0 else 1.
     return dict(diff=diff, ci_low=diff - z*se, ci_high=diff + z*se, p_value=p,
                 test='auc_z_delong' if metric == 'roc_auc' else 'bootstrap_z', se=se)
+
+# %% ../nbs/62_abtest.ipynb #aa1db522
+def _compare(metric:str, ch:dict, cl:dict, ch_loss, cl_loss, alpha:float)->dict:
+    "diff (positive = challenger better), ci_low, ci_high, p_value, test, se of the difference"
+    diff = (1 if HIGHER_IS_BETTER[metric] else -1) * (cl['value'] - ch['value'])
+    z = z_value(alpha)
+    if metric == 'accuracy': return _two_proportion(ch, cl, diff, z)
+    if metric in ('log_loss', 'mae', 'rmse'): return _loss_test(metric, ch, cl, ch_loss, cl_loss, diff, alpha, z)
+    return _z_test(metric, ch, cl, diff, z)
 
 # %% ../nbs/62_abtest.ipynb #16598be5
 def _n_needed(ch:dict, cl:dict, diff:float, alpha:float, power:float, min_effect:float)->int|None:
@@ -62,6 +78,45 @@ def _n_needed(ch:dict, cl:dict, diff:float, alpha:float, power:float, min_effect
     need = max(s2 * (z + stats.norm.ppf(power))**2 / effect**2, s2 * z**2 / settle**2 if settle > 0 else 0)
     return max(math.ceil(need) - min(ch['n'], cl['n']), 1)
 
+# %% ../nbs/62_abtest.ipynb #6ee0ea3f
+VARIANT_NAMES = ('champion', 'challenger')
+
+def _arms(d:dict, metric:str, alpha:float)->tuple[dict, dict]:
+    "Per arm: the metric with its interval, and its labeled and predictions counts; and each arm's per-row losses"
+    arms, losses = {}, {}
+    for v in VARIANT_NAMES:
+        idx = np.flatnonzero(d['variant'] == v)
+        r, losses[v] = measure_labeled(d, metric, alpha, idx)
+        arms[v] = dict(r, labeled=int(d['labeled'][idx].sum()), predictions=len(idx))
+    return arms, losses
+
+# %% ../nbs/62_abtest.ipynb #952d39a1
+def _recommend(cmp:dict, few:bool, alpha:float, min_effect:float)->str:
+    "promote_challenger or keep_champion when the test is significant, keep_champion when the interval rules out `min_effect`, else keep_collecting"
+    if not few and cmp['p_value'] < alpha: return 'promote_challenger' if cmp['diff'] > 0 else 'keep_champion'
+    if not few and cmp['ci_high'] < min_effect: return 'keep_champion'
+    return 'keep_collecting'
+
+# %% ../nbs/62_abtest.ipynb #bc1c40d8
+def _head(metric:str, ch:dict, cl:dict, cmp:dict, alpha:float)->str:
+    "The verdict's figures: each arm's metric and labels, the difference with its interval, the p-value and the test"
+    # the p-value as the test gives it (`p = 3e-12`), not bounded as drift's `p<1e-9`: the verdict reports its own test
+    return (f"challenger {metric} {fmt_num(cl['value'])} vs champion {fmt_num(ch['value'])} on {cl['n']:,} and {ch['n']:,} labeled predictions: "
+            f"{cmp['diff']:+.4g} for the challenger ({round(100 * (1 - alpha))}% CI {cmp['ci_low']:+.3g} to {cmp['ci_high']:+.3g}), "
+            f"p = {cmp['p_value']:.2g} ({cmp['test']})")
+
+# %% ../nbs/62_abtest.ipynb #70679849
+def _why(rec:str, cmp:dict, few:bool, n_needed:int|None, alpha:float, power:float, min_effect:float, min_labeled:int)->str:
+    "The reason for the recommendation `rec`, and for keep_collecting how many more labels would decide"
+    if rec == 'promote_challenger': return 'significantly better: promote the challenger'
+    if rec == 'keep_champion':
+        return 'significantly worse: keep the champion' if cmp['p_value'] < alpha else f"an improvement of {min_effect:g} or more is ruled out: keep the champion"
+    why = f"fewer than {min_labeled} labeled per arm" if few else f"not significant at alpha {alpha:g}"
+    if not n_needed: return why
+    return why + (f"; about {n_needed:,} more labeled predictions per arm needed to decide (a difference of "
+                  f"{max(abs(cmp['diff']), min_effect):.3g} is detected with {power:.0%} power)")
+
+# %% ../nbs/62_abtest.ipynb #cea37325
 def ab_test(log:pd.DataFrame, # a frame from `PredictionLog.read`
             contract:dict, # the champion's data contract
             metric:str, # the primary metric
@@ -73,35 +128,20 @@ def ab_test(log:pd.DataFrame, # a frame from `PredictionLog.read`
     "Champion vs challenger on labeled non-shadow rows: metric per arm, diff with CI, p-value, n_needed, recommendation"
     if not (0 < alpha < 1 and 0 < power < 1) or min_effect < 0:
         raise QualityError(f"need 0 < alpha < 1, 0 < power < 1 and min_effect >= 0; got alpha={alpha}, power={power}, min_effect={min_effect}")
-    d = prepare_labeled(log, contract, metric, 'ab_test')
-    arms, losses = {}, {}
-    for v in VARIANT_NAMES:
-        idx = np.flatnonzero(d['variant'] == v)
-        r, losses[v] = measure_labeled(d, metric, alpha, idx)
-        arms[v] = dict(r, labeled=int(d['labeled'][idx].sum()), predictions=len(idx))
+    arms, losses = _arms(prepare_labeled(log, contract, metric, 'ab_test'), metric, alpha)
     ch, cl = arms['champion'], arms['challenger']
     res = dict(metric=metric, alpha=alpha, champion=ch, challenger=cl, diff=None, ci_low=None, ci_high=None, p_value=None,
                test=None, n_needed=None, recommendation='keep_collecting')
-    lvl = f"{round(100 * (1 - alpha))}% CI"
     if ch['value'] is None or cl['value'] is None or ch['se'] is None or cl['se'] is None:
         short = [f"{v} ({a['labeled']:,} labeled)" for v, a in arms.items() if a['value'] is None or a['se'] is None]
         return dict(res, detail=f"{metric} cannot be compared yet: no usable labels for {' and '.join(short)}; keep collecting")
     cmp = _compare(metric, ch, cl, losses['champion'], losses['challenger'], alpha)
-    se = cmp.pop('se')
+    cmp.pop('se')
     res.update(cmp)
     few = min(ch['n'], cl['n']) < min_labeled
-    if not few and cmp['p_value'] < alpha: rec = 'promote_challenger' if cmp['diff'] > 0 else 'keep_champion'
-    elif not few and cmp['ci_high'] < min_effect: rec = 'keep_champion'
-    else: rec = 'keep_collecting'
+    rec = _recommend(cmp, few, alpha, min_effect)
     if rec == 'keep_collecting':
         n = _n_needed(ch, cl, cmp['diff'], alpha, power, min_effect)
         res['n_needed'] = max(n or 0, min_labeled - min(ch['n'], cl['n'])) or None
-    head = (f"challenger {metric} {fmt_num(cl['value'])} vs champion {fmt_num(ch['value'])} on {cl['n']:,} and {ch['n']:,} labeled predictions: "
-            f"{cmp['diff']:+.4g} for the challenger ({lvl} {cmp['ci_low']:+.3g} to {cmp['ci_high']:+.3g}), p = {cmp['p_value']:.2g} ({cmp['test']})")
-    why = dict(promote_challenger='significantly better: promote the challenger',
-               keep_champion=('significantly worse: keep the champion' if cmp['p_value'] < alpha else
-                              f"an improvement of {min_effect:g} or more is ruled out: keep the champion"),
-               keep_collecting=(f"fewer than {min_labeled} labeled per arm" if few else f"not significant at alpha {alpha:g}")
-                               + (f"; about {res['n_needed']:,} more labeled predictions per arm needed to decide (a difference of "
-                                  f"{max(abs(cmp['diff']), min_effect):.3g} is detected with {power:.0%} power)" if res['n_needed'] else ''))[rec]
-    return dict(res, recommendation=rec, detail=f"{head}: {why}")
+    why = _why(rec, cmp, few, res['n_needed'], alpha, power, min_effect, min_labeled)
+    return dict(res, recommendation=rec, detail=f"{_head(metric, ch, cl, cmp, alpha)}: {why}")

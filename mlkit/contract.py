@@ -9,20 +9,37 @@ from dataclasses import dataclass, field, asdict
 import numpy as np
 import pandas as pd
 
-from .data import DataError
+from .errors import DataError
 
 # %% auto #0
-__all__ = ['column_kind', 'infer_contract', 'features', 'target_classes', 'Violation', 'ContractReport', 'as_numeric',
-           'category_label', 'distinct_values', 'as_boolean', 'as_category', 'label_codes', 'label_counts',
-           'check_contract', 'coerce_features']
+__all__ = ['column_kind', 'infer_contract', 'features', 'target_classes', 'as_numeric', 'as_floats', 'category_label',
+           'distinct_values', 'as_boolean', 'as_category', 'label_codes', 'label_counts', 'class_codes', 'class_names',
+           'Violation', 'ContractReport', 'check_contract', 'coerce_features']
 
 # %% ../nbs/12_contract.ipynb #878cab91
-def column_kind(s:pd.Series)->str:
+def column_kind(s:pd.Series, # a column of the data
+               )->str:
     "The contract kind of a column: numeric, boolean, categorical or datetime"
     if pd.api.types.is_bool_dtype(s): return 'boolean'
     if pd.api.types.is_numeric_dtype(s): return 'numeric'
     if pd.api.types.is_datetime64_any_dtype(s): return 'datetime'
     return 'categorical'
+
+# %% ../nbs/12_contract.ipynb #ab50b263
+def _column_spec(s:pd.Series, role:str, max_categories:int, range_margin:float)->dict:
+    "Contract entry of one column: role, kind, null rate, and its accepted range (numeric) or categories"
+    kind = column_kind(s)
+    spec = dict(role=role, kind=kind, null_rate=round(float(s.isna().mean()), 6))
+    nn = s.dropna()
+    if kind == 'numeric' and len(nn):
+        lo, hi = float(nn.min()), float(nn.max())
+        pad = range_margin * ((hi - lo) or abs(hi) or 1.0)
+        spec.update(min=lo, max=hi, low=lo - pad, high=hi + pad, integer=bool((nn == np.round(nn)).all()))
+        if lo >= 0: spec['low'] = max(spec['low'], 0.0)
+    elif kind in ('categorical', 'boolean'):
+        vals = sorted(map(str, nn.unique()))
+        spec['categories'] = vals if len(vals) <= max_categories else None
+    return spec
 
 # %% ../nbs/12_contract.ipynb #f468d46d
 def infer_contract(df:pd.DataFrame, # the first accepted training data
@@ -37,81 +54,55 @@ def infer_contract(df:pd.DataFrame, # the first accepted training data
     if len(df) == 0: raise DataError("cannot infer a data contract from an empty table")
     if target not in df: raise DataError(f"target column '{target}' is missing (columns: {', '.join(map(str, df.columns))})")
     roles = {target: 'target', **({id_column: 'id'} if id_column else {}), **({timestamp_column: 'timestamp'} if timestamp_column else {})}
-    cols = {}
-    for c in df.columns:
-        s, kind = df[c], column_kind(df[c])
-        spec = dict(role=roles.get(c, 'feature'), kind=kind, null_rate=round(float(s.isna().mean()), 6))
-        nn = s.dropna()
-        if kind == 'numeric' and len(nn):
-            lo, hi = float(nn.min()), float(nn.max())
-            pad = range_margin * ((hi - lo) or abs(hi) or 1.0)
-            spec.update(min=lo, max=hi, low=lo - pad, high=hi + pad, integer=bool((nn == np.round(nn)).all()))
-            if lo >= 0: spec['low'] = max(spec['low'], 0.0)
-        elif kind in ('categorical', 'boolean'):
-            vals = sorted(map(str, nn.unique()))
-            spec['categories'] = vals if len(vals) <= max_categories else None
-        cols[str(c)] = spec
+    cols = {str(c): _column_spec(df[c], roles.get(c, 'feature'), max_categories, range_margin) for c in df.columns}
     if task == 'classification':
         cols[target]['classes'] = sorted(map(str, df[target].dropna().unique()))
     return dict(version=1, task=task, target=target, id_column=id_column, timestamp_column=timestamp_column,
                 rows=len(df), columns=cols)
 
-def features(contract:dict)->list[str]:
+# %% ../nbs/12_contract.ipynb #d1f612c7
+def features(contract:dict, # from `infer_contract`
+            )->list[str]:
     "Feature columns of a contract, in order"
     return [c for c, s in contract['columns'].items() if s['role'] == 'feature']
 
-def target_classes(contract:dict)->list[str]|None:
+# %% ../nbs/12_contract.ipynb #d1bac74a
+def target_classes(contract:dict, # from `infer_contract`
+                  )->list[str]|None:
     "Class labels of a classification contract's target, as text in the contract's order; None for regression"
     return contract['columns'].get(contract['target'], {}).get('classes') if contract['task'] == 'classification' else None
 
-# %% ../nbs/12_contract.ipynb #fa32ebd5
-@dataclass
-class Violation:
-    column: str
-    rule: str # missing_column, wrong_type, out_of_range, unknown_category, unknown_class, null_rate, missing_label, extra_column, empty
-    severity: str # hard or soft
-    message: str
-    rows: int = 0
-
-@dataclass
-class ContractReport:
-    "Result of `check_contract`"
-    violations: list = field(default_factory=list)
-    rows: int = 0
-    out_of_contract_rows: int = 0
-
-    @property
-    def hard(self): return [v for v in self.violations if v.severity == 'hard']
-    @property
-    def ok(self)->bool: return not self.hard
-    @property
-    def out_of_contract_share(self)->float: return self.out_of_contract_rows / self.rows if self.rows else 0.0
-
-    def raise_for_hard(self, source:str='data'):
-        "Raise `DataError` listing every hard violation"
-        if self.hard: raise DataError(f"{source} breaks its data contract:\n  " + '\n  '.join(v.message for v in self.hard))
-
-    def as_dict(self)->dict:
-        return dict(rows=self.rows, out_of_contract_rows=self.out_of_contract_rows,
-                    out_of_contract_share=round(self.out_of_contract_share, 6), violations=[asdict(v) for v in self.violations])
-
 # %% ../nbs/12_contract.ipynb #e259a34d
-_TRUE, _FALSE = {'true', '1', '1.0', 'yes'}, {'false', '0', '0.0', 'no'}
-
-def as_numeric(s:pd.Series)->tuple[pd.Series, pd.Series]:
+def as_numeric(s:pd.Series, # a column of any type
+              )->tuple[pd.Series, pd.Series]:
     "Numeric values of `s`, and a mask of non-null values that are not numbers"
     if pd.api.types.is_bool_dtype(s): return s.astype(float), pd.Series(False, index=s.index)
     if pd.api.types.is_numeric_dtype(s): return s.astype(float), pd.Series(False, index=s.index)
     num = pd.to_numeric(s.where(~s.map(lambda v: isinstance(v, bool)), np.nan), errors='coerce')
     return num.astype(float), s.notna() & num.isna()
 
-def _missing(v)->bool: return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, (float, np.floating)) and np.isnan(v))
+# %% ../nbs/12_contract.ipynb #43ad51a2
+def as_floats(s:pd.Series, # a column of any type
+             )->np.ndarray:
+    "Numeric values of `s` as a float array, NaN where missing or not a number; no per-value work when `s` is numeric"
+    if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s): return s.to_numpy(dtype=float, na_value=np.nan)
+    return as_numeric(s)[0].to_numpy(dtype=float)
 
-def category_label(v):
+# %% ../nbs/12_contract.ipynb #452337f5
+def _missing(v)->bool:
+    "Is the single value `v` missing (None, NA, NaT or NaN)?"
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, (float, np.floating)) and np.isnan(v))
+
+# %% ../nbs/12_contract.ipynb #474b3996
+def category_label(v, # one value of any type
+                  ):
     "The category text of one value: 1, 1.0 and '1' are all '1'; NaN when it is missing"
     if _missing(v): return np.nan
     if isinstance(v, (float, np.floating)) and float(v).is_integer(): v = int(v)
     return str(v)
+
+# %% ../nbs/12_contract.ipynb #ef86a64c
+_TRUE, _FALSE = {'true', '1', '1.0', 'yes'}, {'false', '0', '0.0', 'no'}
 
 def _truth(v)->float:
     "1.0, 0.0, or NaN (missing, or not a truth value) for one value"
@@ -119,42 +110,190 @@ def _truth(v)->float:
     t = str(v).strip().lower()
     return 1.0 if t in _TRUE else 0.0 if t in _FALSE else np.nan
 
+# %% ../nbs/12_contract.ipynb #fddf31ae
 # object columns whose equal values also get equal labels (not True beside 1, which compare equal)
 _GROUPABLE = {'string', 'empty', 'floating', 'integer', 'mixed-integer-float', 'decimal', 'boolean'}
 
-def distinct_values(s:pd.Series)->tuple[np.ndarray, pd.Index]:
+def distinct_values(s:pd.Series, # a column of any type
+                   )->tuple[np.ndarray, pd.Index]:
     "Codes (-1: missing) and distinct values of `s`, so that a per-value rule runs once per distinct value, not per row"
     if isinstance(s.dtype, pd.CategoricalDtype): return s.cat.codes.to_numpy(), s.cat.categories
     if s.dtype == object and pd.api.types.infer_dtype(s, skipna=True) not in _GROUPABLE: s = s.map(category_label)
     return pd.factorize(s, use_na_sentinel=True)
 
+# %% ../nbs/12_contract.ipynb #d8eec7f4
 def _per_distinct(s:pd.Series, f)->np.ndarray:
     "`f` of each value of `s` (`f(None)` for missing ones), computed once per distinct value"
     codes, uniq = distinct_values(s)
     return np.array([f(v) for v in uniq] + [f(None)], dtype=object)[codes]
 
-def as_boolean(s:pd.Series)->tuple[pd.Series, pd.Series]:
+# %% ../nbs/12_contract.ipynb #69255e2f
+def as_boolean(s:pd.Series, # a column of any type
+              )->tuple[pd.Series, pd.Series]:
+    "Truth values of `s` as 1.0/0.0 (true/false, yes/no, 1/0 in any spelling), and a mask of non-null values that are none"
     if pd.api.types.is_bool_dtype(s): return s.astype(float), pd.Series(False, index=s.index)
     val = pd.Series(_per_distinct(s, _truth).astype(float), index=s.index)
     return val, s.notna() & val.isna()
 
-def as_category(s:pd.Series)->pd.Series:
+# %% ../nbs/12_contract.ipynb #43ab1555
+def as_category(s:pd.Series, # a column of any type
+               )->pd.Series:
+    "Category labels of `s` as text (`category_label`), NaN for missing values"
     return pd.Series(_per_distinct(s, category_label), index=s.index, dtype=object)
 
-def _examples(s:pd.Series, mask:pd.Series, n:int=3)->str:
-    return ', '.join(repr(v) for v in s[mask].head(n).tolist())
-
 # %% ../nbs/12_contract.ipynb #54099805
-def label_codes(s:pd.Series)->tuple[np.ndarray, list]:
+def label_codes(s:pd.Series, # a column of any type
+               )->tuple[np.ndarray, list]:
     "Codes (-1: missing) and text labels of `s`, the labels `as_category` writes, computed per distinct value (not per row)"
     codes, uniq = distinct_values(s)
     lcodes, labels = pd.factorize(pd.Series([category_label(v) for v in uniq], dtype=object)) # 1 and 1.0 are both '1'
     return np.where(codes >= 0, np.append(lcodes, -1)[codes], -1), list(labels)
 
-def label_counts(s:pd.Series)->pd.Series:
+# %% ../nbs/12_contract.ipynb #26a2c3b2
+def label_counts(s:pd.Series, # a column of any type
+                )->pd.Series:
     "Rows of `s` per text label (missing values left out), in order of first appearance"
     codes, labels = label_codes(s)
     return pd.Series(np.bincount(codes[codes >= 0], minlength=len(labels)), index=pd.Index(labels, dtype=object), dtype=np.int64)
+
+# %% ../nbs/12_contract.ipynb #b13be2ce
+def _spellings(u)->list[str]:
+    "The ways a label value may be written as a class name, the plainest last"
+    ks = [str(u)]
+    if isinstance(u, (bool, np.bool_)): ks.append(str(int(u)))
+    elif isinstance(u, (float, np.floating)) and np.isfinite(u) and float(u).is_integer(): ks.append(str(int(u)))
+    elif isinstance(u, str):
+        try: f = float(u)
+        except ValueError: f = None
+        if f is not None and np.isfinite(f) and f.is_integer(): ks.append(str(int(f)))
+    return ks
+
+# %% ../nbs/12_contract.ipynb #30361b9a
+def class_codes(values, # labels or predicted labels (any JSON scalars; None/NaN = missing)
+                classes:list[str], # class names, as in the contract
+               )->np.ndarray:
+    "Index of each value in `classes` (compared as text; 1.0 matches '1'); -1 for missing or unknown values"
+    idx = {str(c): i for i, c in enumerate(classes)}
+    codes, uniq = pd.factorize(pd.Series(values, copy=False).reset_index(drop=True))
+    lut = np.array([next((idx[k] for k in _spellings(u) if k in idx), -1) for u in uniq] + [-1], dtype=np.int64)
+    return lut[codes]
+
+# %% ../nbs/12_contract.ipynb #097ec9e1
+def class_names(*cols, # columns of labels or predicted labels (any JSON scalars)
+               )->list[str]:
+    "Sorted class names seen in `cols`, each value by its plainest spelling (1.0 and True read '1')"
+    seen = set()
+    for c in cols: seen.update(_spellings(u)[-1] for u in pd.unique(pd.Series(c).dropna()))
+    return sorted(seen)
+
+# %% ../nbs/12_contract.ipynb #fa32ebd5
+@dataclass
+class Violation:
+    "One broken rule of the contract: the column, the rule, hard or soft, a message, and the rows concerned"
+    column: str
+    rule: str # missing_column, wrong_type, out_of_range, unknown_category, unknown_class, null_rate, missing_label, extra_column, empty
+    severity: str # hard or soft
+    message: str
+    rows: int = 0
+
+# %% ../nbs/12_contract.ipynb #7a20fc48
+@dataclass
+class ContractReport:
+    "Result of `check_contract`: the violations, the rows checked and how many of them break the contract"
+    violations: list = field(default_factory=list)
+    rows: int = 0
+    out_of_contract_rows: int = 0
+
+    @property
+    def hard(self)->list:
+        "The hard violations, which stop a job"
+        return [v for v in self.violations if v.severity == 'hard']
+    @property
+    def ok(self)->bool:
+        "True when there is no hard violation"
+        return not self.hard
+    @property
+    def out_of_contract_share(self)->float:
+        "Share of rows with a value outside the contract"
+        return self.out_of_contract_rows / self.rows if self.rows else 0.0
+
+    def raise_for_hard(self, source:str='data'): # how the message names the data
+        "Raise `DataError` listing every hard violation"
+        if self.hard: raise DataError(f"{source} breaks its data contract:\n  " + '\n  '.join(v.message for v in self.hard))
+
+    def as_dict(self)->dict:
+        "The report as JSON-able values"
+        return dict(rows=self.rows, out_of_contract_rows=self.out_of_contract_rows,
+                    out_of_contract_share=round(self.out_of_contract_share, 6), violations=[asdict(v) for v in self.violations])
+
+# %% ../nbs/12_contract.ipynb #01f9bc71
+def _examples(s:pd.Series, mask:pd.Series, n:int=3)->str:
+    "Up to `n` values of `s` where `mask` holds, as a message shows them"
+    return ', '.join(repr(v) for v in s[mask].head(n).tolist())
+
+# %% ../nbs/12_contract.ipynb #163d3af7
+def _wrong_type(c:str, s:pd.Series, kind:str)->tuple[pd.Series, Violation|None]:
+    "`s` read as `kind` (numeric, boolean or datetime), and a hard violation naming values that cannot be (None when all can)"
+    if kind == 'datetime':
+        val = pd.to_datetime(s, errors='coerce', utc=True, format='ISO8601')
+        wrong = s.notna() & val.isna()
+    else: val, wrong = (as_numeric if kind == 'numeric' else as_boolean)(s)
+    if not wrong.any(): return val, None
+    n = int(wrong.sum())
+    what = f"{n} values are not timestamps" if kind == 'datetime' else f"expected {kind} values, {n} are not"
+    return val, Violation(c, 'wrong_type', 'hard', f"column '{c}': {what} (e.g. {_examples(s, wrong)})", n)
+
+# %% ../nbs/12_contract.ipynb #53cf3334
+def _out_of_range(c:str, s:pd.Series, val:pd.Series, spec:dict)->tuple[Violation|None, pd.Series]:
+    "A soft violation for the values `val` (read from `s`) outside the accepted range of `spec`, and their mask"
+    out = (val < spec['low']) | (val > spec['high'])
+    if not out.any(): return None, out
+    n = int(out.sum())
+    return Violation(c, 'out_of_range', 'soft', f"column '{c}': {n} values outside the accepted range "
+                     f"[{spec['low']:.6g}, {spec['high']:.6g}] (e.g. {_examples(s, out)})", n), out
+
+# %% ../nbs/12_contract.ipynb #fd02006d
+def _unknown(c:str, s:pd.Series, known:list, what:str)->tuple[Violation|None, pd.Series]:
+    "A soft violation for the values of `s` (as category labels) not in `known`, and their mask; `what`: category or class"
+    labels = as_category(s)
+    unknown = labels.notna() & ~labels.isin(known)
+    if not unknown.any(): return None, unknown
+    n, ex = int(unknown.sum()), _examples(s, unknown)
+    if what == 'class':
+        return Violation(c, 'unknown_class', 'soft', f"target '{c}': {n} labels are not among the known classes {known} (e.g. {ex})", n), unknown
+    return Violation(c, 'unknown_category', 'soft', f"column '{c}': {n} values are not among the known categories (e.g. {ex})", n), unknown
+
+# %% ../nbs/12_contract.ipynb #a5081730
+def _null_rate(c:str, s:pd.Series, base:float)->Violation|None:
+    "A soft violation when the missing share of `s` is over `base` by more than 5 points and more than twice it"
+    rate = float(s.isna().mean())
+    if rate > base + 0.05 and rate > 2 * base:
+        return Violation(c, 'null_rate', 'soft', f"column '{c}': {rate:.1%} missing values, {base:.1%} in the contract", int(s.isna().sum()))
+
+# %% ../nbs/12_contract.ipynb #d383a8f3
+def _missing_labels(c:str, s:pd.Series)->Violation|None:
+    "A soft violation for the rows of the target column `s` that have no label"
+    if n := int(s.isna().sum()): return Violation(c, 'missing_label', 'soft', f"column '{c}': {n} rows have no label", n)
+
+# %% ../nbs/12_contract.ipynb #637231c5
+def _column_violations(c:str, s:pd.Series, spec:dict)->tuple[list[Violation], pd.Series|None]:
+    "Violations of the column `c` of the data, and the mask of its rows outside the contract (None: none counted)"
+    role, kind = spec['role'], spec['kind']
+    found, bad = [_missing_labels(c, s) if role == 'target' else None], None
+    if kind in ('numeric', 'boolean', 'datetime'):
+        val, wrong = _wrong_type(c, s, kind)
+        found.append(wrong)
+        if wrong is not None and kind != 'datetime': return [v for v in found if v is not None], None # unreadable: nothing more to check
+        if kind == 'numeric' and 'low' in spec:
+            v, out = _out_of_range(c, s, val, spec)
+            found.append(v)
+            if role == 'feature': bad = out
+    elif kind == 'categorical' and spec.get('categories') is not None:
+        v, bad = _unknown(c, s, spec['categories'], 'category')
+        found.append(v)
+    if role == 'target' and spec.get('classes') is not None: found.append(_unknown(c, s, spec['classes'], 'class')[0])
+    if role == 'feature': found.append(_null_rate(c, s, spec['null_rate']))
+    return [v for v in found if v is not None], bad
 
 # %% ../nbs/12_contract.ipynb #54eff348
 def check_contract(df:pd.DataFrame, # data to check
@@ -163,58 +302,26 @@ def check_contract(df:pd.DataFrame, # data to check
                   )->ContractReport:
     "Check `df` against `contract`, column by column"
     rep = ContractReport(rows=len(df))
-    add = lambda *a, **k: rep.violations.append(Violation(*a, **k))
     if len(df) == 0:
-        add('', 'empty', 'hard', 'the data has no rows'); return rep
+        rep.violations.append(Violation('', 'empty', 'hard', 'the data has no rows')); return rep
     bad = pd.Series(False, index=df.index)
     for c, spec in contract['columns'].items():
         if spec['role'] == 'target' and not require_target: continue
-        if c not in df:
-            if spec['role'] in ('feature', 'target'):
-                add(c, 'missing_column', 'hard', f"missing required column '{c}' ({spec['role']}, {spec['kind']})")
-            continue
-        s = df[c]
-        if spec['role'] == 'target' and s.isna().any():
-            add(c, 'missing_label', 'soft', f"column '{c}': {int(s.isna().sum())} rows have no label", int(s.isna().sum()))
-        if spec['kind'] in ('numeric', 'boolean'):
-            val, wrong = (as_numeric if spec['kind'] == 'numeric' else as_boolean)(s)
-            if wrong.any():
-                add(c, 'wrong_type', 'hard', f"column '{c}': expected {spec['kind']} values, {int(wrong.sum())} are not "
-                    f"(e.g. {_examples(s, wrong)})", int(wrong.sum()))
-                continue
-            if spec['kind'] == 'numeric' and 'low' in spec:
-                out = (val < spec['low']) | (val > spec['high'])
-                if out.any():
-                    add(c, 'out_of_range', 'soft', f"column '{c}': {int(out.sum())} values outside the accepted range "
-                        f"[{spec['low']:.6g}, {spec['high']:.6g}] (e.g. {_examples(s, out)})", int(out.sum()))
-                    if spec['role'] == 'feature': bad |= out
-        elif spec['kind'] == 'categorical' and spec.get('categories') is not None:
-            cats = as_category(s)
-            unknown = cats.notna() & ~cats.isin(spec['categories'])
-            if unknown.any():
-                add(c, 'unknown_category', 'soft', f"column '{c}': {int(unknown.sum())} values are not among the known categories "
-                    f"(e.g. {_examples(s, unknown)})", int(unknown.sum()))
-                bad |= unknown
-        elif spec['kind'] == 'datetime':
-            parsed = pd.to_datetime(s, errors='coerce', utc=True, format='ISO8601')
-            wrong = s.notna() & parsed.isna()
-            if wrong.any(): add(c, 'wrong_type', 'hard', f"column '{c}': {int(wrong.sum())} values are not timestamps (e.g. {_examples(s, wrong)})", int(wrong.sum()))
-        if spec['role'] == 'target' and spec.get('classes') is not None:
-            cls = as_category(s)
-            unknown = cls.notna() & ~cls.isin(spec['classes'])
-            if unknown.any(): add(c, 'unknown_class', 'soft', f"target '{c}': {int(unknown.sum())} labels are not among the known classes "
-                                 f"{spec['classes']} (e.g. {_examples(s, unknown)})", int(unknown.sum()))
-        if spec['role'] == 'feature':
-            rate, base = float(s.isna().mean()), spec['null_rate']
-            if rate > base + 0.05 and rate > 2 * base:
-                add(c, 'null_rate', 'soft', f"column '{c}': {rate:.1%} missing values, {base:.1%} in the contract", int(s.isna().sum()))
-    for c in df.columns:
-        if str(c) not in contract['columns']: add(str(c), 'extra_column', 'soft', f"column '{c}' is not in the contract; it is ignored")
+        if c in df:
+            found, out = _column_violations(c, df[c], spec)
+            rep.violations += found
+            if out is not None: bad |= out
+        elif spec['role'] in ('feature', 'target'):
+            rep.violations.append(Violation(c, 'missing_column', 'hard', f"missing required column '{c}' ({spec['role']}, {spec['kind']})"))
+    rep.violations += [Violation(str(c), 'extra_column', 'soft', f"column '{c}' is not in the contract; it is ignored")
+                       for c in df.columns if str(c) not in contract['columns']]
     rep.out_of_contract_rows = int(bad.sum())
     return rep
 
 # %% ../nbs/12_contract.ipynb #9ecb4d37
-def coerce_features(df:pd.DataFrame, contract:dict)->pd.DataFrame:
+def coerce_features(df:pd.DataFrame, # records or a table, with any column types
+                    contract:dict, # from `infer_contract`
+                   )->pd.DataFrame:
     "Feature columns of `df` in contract order, cast to float (numeric, boolean) or text (categorical)"
     out = {}
     for c in features(contract):

@@ -18,42 +18,54 @@ __all__ = ['READERS', 'read_table', 'content_sha256', 'file_sha256', 'fingerprin
 # %% ../nbs/11_data.ipynb #4b789ca5
 READERS = {'.csv': pd.read_csv, '.parquet': pd.read_parquet, '.pq': pd.read_parquet}
 
+def _read_file(path:Path)->pd.DataFrame:
+    "The table in the CSV or Parquet file `path`; `DataError` naming the file when it cannot be read"
+    reader = READERS.get(path.suffix.lower())
+    if reader is None: raise DataError(f"{path}: unknown data format {path.suffix!r}; expected one of {', '.join(READERS)}")
+    if not path.is_file(): raise DataError(f"{path}: data file not found")
+    try: return reader(path)
+    except pd.errors.EmptyDataError: raise DataError(f"{path}: the file is empty") from None
+    except Exception as e: raise DataError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({type(e).__name__}: {e})") from None
+
+# %% ../nbs/11_data.ipynb #77e9fe25
+def _parse_times(df:pd.DataFrame, column:str, source)->pd.DataFrame:
+    "`df` with `column` parsed into UTC datetimes; `DataError` naming `source` when a value is not a timestamp"
+    try: df[column] = pd.to_datetime(df[column], utc=True, format='ISO8601')
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{source}: column '{column}' holds values that are not timestamps ({e})") from None
+    return df
+
+# %% ../nbs/11_data.ipynb #c36515c1
 def read_table(source:str|Path, # CSV or Parquet path, or `builtin:NAME`
                timestamp_column:str='', # column to parse as datetimes ('' for none)
               )->pd.DataFrame:
     "Read the table at `source`; raise `DataError` naming the file when it cannot"
-    if isinstance(source, str) and source.startswith('builtin:'):
-        df = load_builtin(source.split(':', 1)[1])
-    else:
-        path = Path(source)
-        reader = READERS.get(path.suffix.lower())
-        if reader is None: raise DataError(f"{path}: unknown data format {path.suffix!r}; expected one of {', '.join(READERS)}")
-        if not path.is_file(): raise DataError(f"{path}: data file not found")
-        try: df = reader(path)
-        except pd.errors.EmptyDataError: raise DataError(f"{path}: the file is empty") from None
-        except Exception as e: raise DataError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({type(e).__name__}: {e})") from None
+    if isinstance(source, str) and source.startswith('builtin:'): df = load_builtin(source.split(':', 1)[1])
+    else: df = _read_file(Path(source))
     if len(df) == 0: raise DataError(f"{source}: the table has no rows")
-    if timestamp_column and timestamp_column in df:
-        try: df[timestamp_column] = pd.to_datetime(df[timestamp_column], utc=True, format='ISO8601')
-        except (ValueError, TypeError) as e:
-            raise DataError(f"{source}: column '{timestamp_column}' holds values that are not timestamps ({e})") from None
+    if timestamp_column and timestamp_column in df: df = _parse_times(df, timestamp_column, source)
     return df
 
 # %% ../nbs/11_data.ipynb #bdea449c
-def content_sha256(df:pd.DataFrame)->str:
+def content_sha256(df:pd.DataFrame, # the table as loaded
+                  )->str:
     "sha256 of a table's columns, types and values (row order matters, the index does not)"
     h = hashlib.sha256()
     h.update(repr([(str(c), str(t)) for c, t in df.dtypes.items()]).encode())
     h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
     return h.hexdigest()
 
-def file_sha256(path:str|Path, chunk:int=1<<20)->str:
+# %% ../nbs/11_data.ipynb #6d959acc
+def file_sha256(path:str|Path, # a file
+                chunk:int=1<<20, # bytes read at a time
+               )->str:
     "sha256 of a file's bytes"
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/11_data.ipynb #5343cd7b
 def fingerprint(df:pd.DataFrame, # the table as loaded
                 source:str|Path='', # where it came from
                )->dict:

@@ -27,6 +27,7 @@ _CATEGORICAL = ('plan', 'region', 'contract')
 _ID_SPACE, _PER_DAY = 10**9, 100_000
 _LABEL_NOISE = 0.03
 
+# %% ../nbs/10_datasets.ipynb #726fe7ff
 def _ids(seed:int, times:pd.Series)->np.ndarray:
     "Customer ids for `times` (sorted): a seed-keyed affine scramble of (day, arrival order within the day)"
     day = times.to_numpy().astype('datetime64[D]').astype(np.int64)
@@ -38,6 +39,7 @@ def _ids(seed:int, times:pd.Series)->np.ndarray:
     num = (a1 * ((day * _PER_DAY + rank) % _ID_SPACE) + b1) % _ID_SPACE
     num = num % 10**5 * 10**4 + num // 10**5 # rotate the digits
     num = (a2 * num + b2) % _ID_SPACE
+    if not len(num): return np.array([], dtype=object) # np.char.zfill fails on an empty array
     return np.char.add('C', np.char.zfill(num.astype(str), 9)).astype(object)
 
 # %% ../nbs/10_datasets.ipynb #b51f14c5
@@ -59,6 +61,7 @@ def _churn_features(rng, n:int)->dict:
     return dict(tenure_months=tenure, monthly_charges=charges, age=age, plan=plan, region=region,
                 contract=contract, support_calls=calls, autopay=autopay)
 
+# %% ../nbs/10_datasets.ipynb #a285e6e9
 def _churn_labels(rng, X:dict, label_shift:float=0., concept:float=0.)->np.ndarray:
     "Draw `churned` from the features: a logistic model, moved by `label_shift` and `concept`"
     f = (-0.045*X['tenure_months'] + np.array([0.9, -0.4, -1.4])[X['contract']] + 0.022*(X['monthly_charges'] - 60)
@@ -76,6 +79,7 @@ def _churn_labels(rng, X:dict, label_shift:float=0., concept:float=0.)->np.ndarr
 DRIFTS = ('shift', 'scale', 'new_category', 'stuck', 'label_shift', 'concept')
 
 def _check_drift(drift:dict|None)->dict:
+    "`drift` as a dict, after checking its keys, the columns each acts on and its values"
     drift = dict(drift or {})
     if bad := [k for k in drift if k not in DRIFTS]:
         raise DatasetError(f"unknown drift {', '.join(map(repr, bad))}; known: {', '.join(DRIFTS)}")
@@ -88,10 +92,33 @@ def _check_drift(drift:dict|None)->dict:
     if not 0 <= drift.get('concept', 0) <= 1: raise DatasetError("drift 'concept' must be between 0 and 1")
     return drift
 
+# %% ../nbs/10_datasets.ipynb #77906103
 def _retype(v:np.ndarray, like:np.ndarray)->np.ndarray:
     "`v` with the dtype of `like` (integer columns stay integers)"
     return np.round(v).astype(like.dtype) if np.issubdtype(like.dtype, np.integer) else v
 
+# %% ../nbs/10_datasets.ipynb #e5f3ce81
+def _blemished(df:pd.DataFrame, rng)->pd.DataFrame:
+    "`df` with category names for codes and the missing values of real data (charges ~3%, age and plan ~2%)"
+    n = len(df)
+    for c, codes in (('plan', _PLANS), ('region', _REGIONS), ('contract', _CONTRACTS)): df[c] = codes[df[c].to_numpy()]
+    df['monthly_charges'] = df.monthly_charges.round(2).where(rng.random(n) >= 0.03)
+    df['age'] = df.age.where(rng.random(n) >= 0.02)
+    df['plan'] = df.plan.where(rng.random(n) >= 0.02)
+    return df
+
+# %% ../nbs/10_datasets.ipynb #64af0c51
+def _delivery_drift(df:pd.DataFrame, drift:dict, rng)->pd.DataFrame:
+    "`df` with the drifts that change what the model sees, not what customers do: `scale`, `new_category`, `stuck`"
+    n = len(df)
+    for c, f in drift.get('scale', {}).items(): df[c] = _retype(df[c].to_numpy() * f, df[c].to_numpy())
+    for c, v in drift.get('new_category', {}).items(): df[c] = df[c].mask(rng.random(n) < 0.3, v)
+    for c, v in drift.get('stuck', {}).items():
+        try: df[c] = pd.Series([v] * n, index=df.index, dtype=df[c].dtype)
+        except (TypeError, ValueError): df[c] = v
+    return df
+
+# %% ../nbs/10_datasets.ipynb #524930a3
 def _churn(n:int, seed:int, start, days:float, drift:dict|None=None)->pd.DataFrame:
     "`n` rows of churn traffic spread over `days` days from `start`, drifted as `drift` says"
     drift = _check_drift(drift)
@@ -105,16 +132,7 @@ def _churn(n:int, seed:int, start, days:float, drift:dict|None=None)->pd.DataFra
     for c, d in drift.get('shift', {}).items(): X[c] = _retype(X[c] + d, X[c])
     y = _churn_labels(r_label, X, drift.get('label_shift', 0.), drift.get('concept', 0.))
     df = pd.DataFrame(dict(customer_id=_ids(seed, times), event_time=times, **X, churned=y))
-    for c, codes in (('plan', _PLANS), ('region', _REGIONS), ('contract', _CONTRACTS)): df[c] = codes[df[c].to_numpy()]
-    df['monthly_charges'] = df.monthly_charges.round(2).where(r_miss.random(n) >= 0.03)
-    df['age'] = df.age.where(r_miss.random(n) >= 0.02)
-    df['plan'] = df.plan.where(r_miss.random(n) >= 0.02)
-    for c, f in drift.get('scale', {}).items(): df[c] = _retype(df[c].to_numpy() * f, X[c])
-    for c, v in drift.get('new_category', {}).items(): df[c] = df[c].mask(r_drift.random(n) < 0.3, v)
-    for c, v in drift.get('stuck', {}).items():
-        try: df[c] = pd.Series([v] * n, index=df.index, dtype=df[c].dtype)
-        except (TypeError, ValueError): df[c] = v
-    return df
+    return _delivery_drift(_blemished(df, r_miss), drift, r_drift)
 
 # %% ../nbs/10_datasets.ipynb #6b95dd98
 def churn(n:int=4000, # number of rows (customers)
@@ -161,16 +179,56 @@ def housing(n:int=3000, # number of rows (sales)
     df['neighborhood'] = df.neighborhood.where(r_miss.random(n) >= 0.02)
     return df
 
-# %% ../nbs/10_datasets.ipynb #5f74bc5f
-POISON_KINDS = ('flip_labels', 'out_of_range', 'duplicates', 'drop_column', 'change_dtype')
-
-def _default_column(df, target, column, preferred, numeric)->str:
+# %% ../nbs/10_datasets.ipynb #fb2e032a
+def _default_column(df:pd.DataFrame, target:str, column:str|None, preferred:str, numeric:bool)->str:
+    "`column`, else `preferred`, else the first (numeric) feature of `df`; `DatasetError` when it is not a (numeric) feature"
     feats = [c for c in df.columns if c != target and (not numeric or pd.api.types.is_numeric_dtype(df[c]) and df[c].dtype != bool)]
     col = column or (preferred if preferred in feats else (feats[0] if feats else None))
     if col is None: raise DatasetError(f"no {'numeric ' if numeric else ''}feature column to poison")
     if col not in feats:
         raise DatasetError(f"cannot poison column {col!r}; {'numeric ' if numeric else ''}feature columns: {', '.join(map(str, feats))}")
     return col
+
+# %% ../nbs/10_datasets.ipynb #3c5ec40a
+def _flip_labels(df:pd.DataFrame, rate:float, rng, target:str)->pd.DataFrame:
+    "A copy of `df` with a `rate` share of its (binary) `target` values swapped"
+    if target not in df: raise DatasetError(f"flip_labels needs the target column {target!r}, which is not in the table")
+    vals = df[target].dropna().unique()
+    if len(vals) != 2: raise DatasetError(f"flip_labels needs a binary target; {target!r} has {len(vals)} distinct values")
+    pos = rng.choice(np.flatnonzero(df[target].notna().to_numpy()), round(rate * len(df)), replace=False)
+    a, b = vals
+    out = df.copy()
+    out.iloc[pos, out.columns.get_loc(target)] = df[target].iloc[pos].map({a: b, b: a}).to_numpy()
+    return out
+
+# %% ../nbs/10_datasets.ipynb #f0967641
+def _out_of_range(df:pd.DataFrame, rate:float, rng, target:str)->pd.DataFrame:
+    "A copy of `df` where, in a `rate` share of rows, every numeric feature is about 100x beyond its observed range"
+    pos, out = rng.choice(len(df), round(rate * len(df)), replace=False), df.copy()
+    for c in [c for c in df.select_dtypes('number').columns if c != target and df[c].notna().any()]:
+        lo, hi = df[c].min(), df[c].max()
+        far = 100 * max(abs(lo), abs(hi), hi - lo, 1)
+        bad = np.where(rng.random(len(pos)) < 0.5, hi + far, lo - far)
+        out.iloc[pos, out.columns.get_loc(c)] = _retype(bad, df[c].to_numpy())
+    return out
+
+# %% ../nbs/10_datasets.ipynb #87db2eb8
+def _duplicates(df:pd.DataFrame, rate:float, rng)->pd.DataFrame:
+    "`df` with copies of its rows appended, making up a `rate` share of the result"
+    n = len(df)
+    k = round(rate * n / (1 - rate))
+    return pd.concat([df.copy(), df.iloc[rng.choice(n, k, replace=k > n)]], ignore_index=isinstance(df.index, pd.RangeIndex))
+
+# %% ../nbs/10_datasets.ipynb #cfe3ab96
+def _as_text(df:pd.DataFrame, column:str)->pd.DataFrame:
+    "A copy of `df` whose numeric `column` holds text such as '12 months' (the unit is the name's last word)"
+    unit = f" {column.rsplit('_', 1)[1]}" if '_' in column else ''
+    out = df.copy()
+    out[column] = pd.Series([None if pd.isna(v) else f"{v:.10g}{unit}" for v in df[column]], index=df.index)
+    return out
+
+# %% ../nbs/10_datasets.ipynb #5f74bc5f
+POISON_KINDS = ('flip_labels', 'out_of_range', 'duplicates', 'drop_column', 'change_dtype')
 
 def poison(df:pd.DataFrame, # the clean table (not modified)
            kind:str, # one of `POISON_KINDS`
@@ -182,31 +240,12 @@ def poison(df:pd.DataFrame, # the clean table (not modified)
     "A poisoned copy of `df`, for testing the defences against bad training data"
     if kind not in POISON_KINDS: raise DatasetError(f"unknown poison kind {kind!r}; valid kinds: {', '.join(POISON_KINDS)}")
     if not 0 <= rate <= 1 or (kind == 'duplicates' and rate == 1): raise DatasetError(f"rate must be between 0 and 1; got {rate}")
-    rng, out, n = np.random.default_rng(seed), df.copy(), len(df)
-    if kind == 'flip_labels':
-        if target not in df: raise DatasetError(f"flip_labels needs the target column {target!r}, which is not in the table")
-        vals = df[target].dropna().unique()
-        if len(vals) != 2: raise DatasetError(f"flip_labels needs a binary target; {target!r} has {len(vals)} distinct values")
-        pos = rng.choice(np.flatnonzero(df[target].notna().to_numpy()), round(rate * n), replace=False)
-        a, b = vals
-        out.iloc[pos, out.columns.get_loc(target)] = df[target].iloc[pos].map({a: b, b: a}).to_numpy()
-    elif kind == 'out_of_range':
-        pos = rng.choice(n, round(rate * n), replace=False)
-        for c in [c for c in df.select_dtypes('number').columns if c != target and df[c].notna().any()]:
-            lo, hi = df[c].min(), df[c].max()
-            far = 100 * max(abs(lo), abs(hi), hi - lo, 1)
-            bad = np.where(rng.random(len(pos)) < 0.5, hi + far, lo - far)
-            out.iloc[pos, out.columns.get_loc(c)] = _retype(bad, df[c].to_numpy())
-    elif kind == 'duplicates':
-        k = round(rate * n / (1 - rate))
-        out = pd.concat([out, df.iloc[rng.choice(n, k, replace=k > n)]], ignore_index=isinstance(df.index, pd.RangeIndex))
-    elif kind == 'drop_column':
-        out = out.drop(columns=_default_column(df, target, column, 'monthly_charges', numeric=False))
-    else:
-        c = _default_column(df, target, column, 'tenure_months', numeric=True)
-        unit = f" {c.rsplit('_', 1)[1]}" if '_' in c else ''
-        out[c] = pd.Series([None if pd.isna(v) else f"{v:.10g}{unit}" for v in df[c]], index=df.index)
-    return out
+    rng = np.random.default_rng(seed)
+    if kind == 'flip_labels': return _flip_labels(df, rate, rng, target)
+    if kind == 'out_of_range': return _out_of_range(df, rate, rng, target)
+    if kind == 'duplicates': return _duplicates(df, rate, rng)
+    if kind == 'drop_column': return df.drop(columns=_default_column(df, target, column, 'monthly_charges', numeric=False))
+    return _as_text(df, _default_column(df, target, column, 'tenure_months', numeric=True))
 
 # %% ../nbs/10_datasets.ipynb #4c7aabe7
 def delayed_labels(df:pd.DataFrame, # scored rows with ids, event times and labels
@@ -236,6 +275,7 @@ BUILTIN_INFO = dict(
     housing=dict(target='price', task='regression', id_column='', timestamp_column=''),
 )
 
+# %% ../nbs/10_datasets.ipynb #201dbe28
 def load_builtin(name:str, # a key of `BUILTINS`, optionally written `builtin:NAME`
                  **kw, # passed on to the generator, e.g. `n` or `seed`
                 )->pd.DataFrame:

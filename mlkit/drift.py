@@ -4,13 +4,16 @@
 
 # %% ../nbs/60_drift.ipynb #813551c3
 from __future__ import annotations
+from functools import partial
+
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from .errors import DriftError, NoDataError
-from .contract import features, check_contract, as_boolean, as_numeric, label_codes, label_counts
-from .profile import column_profile, distribution, psi
+from .contract import features, check_contract, as_boolean, as_floats, label_counts
+from .metrics import fmt_num
+from .profile import bin_index, column_profile, distribution, psi, total_variation
 
 # %% auto #0
 __all__ = ['DRIFT_COLUMNS', 'UNIT_FACTORS', 'feature_drift', 'score_drift', 'label_drift', 'drift_over_time', 'serving_skew',
@@ -39,6 +42,7 @@ def _ks(ref:np.ndarray, # sorted reference values
     d = float(max(np.abs(f1 - f2).max(), np.abs(np.r_[0, f1[:-1]] - f2l).max())) # the ECDFs only jump at data points
     return d, float(np.clip(stats.kstwo.sf(d, np.round(n * m / (n + m))), 0, 1))
 
+# %% ../nbs/60_drift.ipynb #7222b406
 def _chi2(table:np.ndarray)->tuple[float, float]:
     "Chi-square test of homogeneity on a 2 x k table of counts (all-zero bins dropped)"
     t = np.asarray(table, float)
@@ -47,20 +51,20 @@ def _chi2(table:np.ndarray)->tuple[float, float]:
     r = stats.chi2_contingency(t)
     return float(r.statistic), float(r.pvalue)
 
+# %% ../nbs/60_drift.ipynb #8d4b690d
 def _level(v:float, p:float, psi_warn:float, psi_alert:float, p_value:float)->str:
     "alert or warn when the PSI is large enough and the test significant (both: an effect size and a real one)"
     if not p < p_value: return 'ok'
     return 'alert' if v >= psi_alert else 'warn' if v >= psi_warn else 'ok'
 
-def _num(v)->str: return 'n/a' if v is None or not np.isfinite(v) else f"{v:.0f}" if 1000 <= abs(v) < 1e6 else f"{v:.3g}"
-def _p(p:float)->str: return 'p<1e-9' if p < 1e-9 else f"p={p:.2g}"
+# %% ../nbs/60_drift.ipynb #c9b4dc22
+_num = partial(fmt_num, fmt='.3g', whole=True) # drift's figures: 3 significant digits, whole numbers from 1,000 to 1e6
 
-# %% ../nbs/60_drift.ipynb #fb9bd0c7
-def _floats(s:pd.Series)->np.ndarray:
-    "A numeric column as a float array (NaN for missing), without a per-row loop when it is numeric already"
-    if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s): return s.to_numpy(dtype=float, na_value=np.nan)
-    return as_numeric(s)[0].to_numpy(dtype=float)
+def _p(p:float)->str:
+    "A p-value for a drift sentence: `p=0.012`, or `p<1e-9` for the tiny ones (their exact value means nothing)"
+    return 'p<1e-9' if p < 1e-9 else f"p={p:.2g}"
 
+# %% ../nbs/60_drift.ipynb #25a1b7e7
 def _served(served:pd.DataFrame, c:str, contract:dict)->pd.Series:
     "Served column `c`, booleans as 0/1 floats as `coerce_features` writes them (raw True/False/'yes' accepted too)"
     s = served[c]
@@ -68,62 +72,89 @@ def _served(served:pd.DataFrame, c:str, contract:dict)->pd.Series:
         return as_boolean(s)[0]
     return s
 
+# %% ../nbs/60_drift.ipynb #158daa01
+DRIFT_COLUMNS = ['feature', 'kind', 'n', 'psi', 'test', 'statistic', 'p_value', 'level', 'detail']
+_ORDER = {'alert': 0, 'warn': 1, 'ok': 2} # worst first
+
+# %% ../nbs/60_drift.ipynb #98e1dc29
 def _row(feature, kind, n, v, test, stat, p, th, detail)->dict:
+    "One row of a drift table: its figures, the level from `th` (psi_warn, psi_alert, p_value), and the detail with PSI and p-value"
     return dict(feature=feature, kind=kind, n=int(n), psi=float(v), test=test, statistic=float(stat), p_value=float(p),
                 level=_level(v, p, *th), detail=f"{detail} (PSI {v:.2f}, {test.upper() if test == 'ks' else test} {_p(p)})")
 
-def _numeric_row(name:str, x:np.ndarray, prof:dict, th:tuple)->dict:
-    "Drift of the values `x` (NaN: missing) from the numeric profile `prof`"
-    n, miss = len(x), np.isnan(x)
-    xs = np.sort(x[~miss])
-    props = np.asarray(prof['props'], float)
-    act = distribution(pd.Series(x, copy=False), prof)
-    v = psi(props, act)
+# %% ../nbs/60_drift.ipynb #5a6a2f8d
+def _numeric_test(xs:np.ndarray, miss:np.ndarray, prof:dict, act:np.ndarray)->tuple[str, float, float]:
+    "Test, statistic and p-value of the sorted served values `xs` (`miss`: missing rows; `act`: shares per bin) against `prof`"
+    props, n = np.asarray(prof['props'], float), len(miss)
     sample = prof.get('sample')
     if sample is not None and len(sample) and len(xs):
-        test, (stat, p) = 'ks', _ks(np.sort(np.asarray(sample, float)), xs)
+        stat, p = _ks(np.sort(np.asarray(sample, float)), xs)
         if props[-1] > 0 or miss.any(): # values and missing share are two tests: Bonferroni
             ref_miss = round(props[-1] * prof['count'])
             p = min(1.0, 2 * min(p, _chi2([[ref_miss, prof['count'] - ref_miss], [miss.sum(), n - miss.sum()]])[1]))
-    else: test, (stat, p) = 'chi2', _chi2([np.round(props * prof['count']), np.round(act * n)]) # profiles saved without `sample`
+        return 'ks', stat, p
+    return 'chi2', *_chi2([np.round(props * prof['count']), np.round(act * n)]) # profiles saved without `sample`
+
+# %% ../nbs/60_drift.ipynb #9e49cf69
+def _numeric_detail(name:str, prof:dict, xs:np.ndarray, act:np.ndarray)->str:
+    "What moved in a numeric column: the mean, and the spread and the missing share when they moved"
+    props = np.asarray(prof['props'], float)
     m0, m1 = prof.get('mean'), float(xs.mean()) if len(xs) else None
     parts = [f"mean {_num(m0)} -> {_num(m1)}"]
     s0, s1 = prof.get('std'), float(xs.std()) if len(xs) else None
     if s0 and s1 is not None and not 0.8 <= s1 / s0 <= 1.25: parts.append(f"std {_num(s0)} -> {_num(s1)}")
     if abs(act[-1] - props[-1]) >= 0.02: parts.append(f"missing {props[-1]:.1%} -> {act[-1]:.1%}")
-    return _row(name, 'numeric', n, v, test, stat, p, th, f"{name}: {', '.join(parts)}")
+    return f"{name}: {', '.join(parts)}"
 
+# %% ../nbs/60_drift.ipynb #fb9bd0c7
+def _numeric_row(name:str, x:np.ndarray, prof:dict, th:tuple)->dict:
+    "Drift of the values `x` (NaN: missing) from the numeric profile `prof`"
+    miss = np.isnan(x)
+    xs = np.sort(x[~miss])
+    act = distribution(pd.Series(x, copy=False), prof)
+    test, stat, p = _numeric_test(xs, miss, prof, act)
+    return _row(name, 'numeric', len(x), psi(prof['props'], act), test, stat, p, th, _numeric_detail(name, prof, xs, act))
+
+# %% ../nbs/60_drift.ipynb #231f8113
 def _known(prof:dict, spec:dict)->set|None:
     "Values seen in training: the contract's categories (None when it lists none) and the profile's values"
     if spec.get('kind') == 'boolean': return {'0', '1', *prof['values']}
     return None if spec.get('categories') is None else {*spec['categories'], *prof['values']}
 
+# %% ../nbs/60_drift.ipynb #e2e31937
+def _new_values(vc:pd.Series, n:int, values:list, seen:set|None)->str|None:
+    "The 3 largest served values not seen in training (when the contract lists no categories: not among the profile's `values`)"
+    new = vc[(vc > 0) & ~vc.index.isin(list(seen if seen is not None else values))].sort_values(ascending=False, kind='stable')
+    if not len(new): return None
+    what = 'new value' + ('s' if len(new) > 1 else '') if seen is not None else "value(s) not among training's most frequent"
+    return f"{what} " + ', '.join(f"{k!r} ({c / n:.1%})" for k, c in new.head(3).items()) + (f" and {len(new) - 3} more" if len(new) > 3 else '')
+
+# %% ../nbs/60_drift.ipynb #7d8919a0
+def _vanished(values:list, props:np.ndarray, known:np.ndarray)->str|None:
+    "The first 3 training values with a share of 1% or more that no served row holds (`known`: served rows per value)"
+    gone = [f"{k!r} ({s:.1%} in training)" for k, s, c in zip(values, props, known) if s >= 0.01 and c == 0]
+    return f"vanished {', '.join(gone[:3])}" if gone else None
+
+# %% ../nbs/60_drift.ipynb #307b11a0
+def _moves(values:list, props:np.ndarray, act:np.ndarray, known:np.ndarray)->str|None:
+    "The (up to 3) largest moves of a bin's share, of 2 points or more; vanished values and the bin of other values left out"
+    names = [repr(k) for k in values] + ['other values', 'missing']
+    moved = [i for i in np.argsort(-np.abs(act - props), kind='stable')[:3]
+             if abs(act[i] - props[i]) >= 0.02 and i != len(values) and not (i < len(values) and known[i] == 0)]
+    return ', '.join(f"{names[i]} {props[i]:.1%} -> {act[i]:.1%}" for i in moved) if moved else None
+
+# %% ../nbs/60_drift.ipynb #d033345f
 def _categorical_row(name:str, vc:pd.Series, n:int, prof:dict, spec:dict, th:tuple)->dict:
     "Drift of a categorical column, given its rows per label `vc`, from the profile `prof`"
     props, values = np.asarray(prof['props'], float), prof['values']
     known = vc.reindex(values, fill_value=0).to_numpy(float)
     counts = np.r_[known, vc.sum() - known.sum(), n - vc.sum()]
     act = counts / max(n, 1)
-    v = psi(props, act)
     stat, p = _chi2([np.round(props * prof['count']), counts])
-    seen = _known(prof, spec)
-    new = vc[(vc > 0) & ~vc.index.isin(list(seen if seen is not None else values))].sort_values(ascending=False, kind='stable')
-    parts = []
-    if len(new):
-        what = 'new value' + ('s' if len(new) > 1 else '') if seen is not None else "value(s) not among training's most frequent"
-        parts.append(f"{what} " + ', '.join(f"{k!r} ({c / n:.1%})" for k, c in new.head(3).items()) + (f" and {len(new) - 3} more" if len(new) > 3 else ''))
-    if gone := [f"{k!r} ({s:.1%} in training)" for k, s, c in zip(values, props, known) if s >= 0.01 and c == 0]:
-        parts.append(f"vanished {', '.join(gone[:3])}")
-    names = [repr(k) for k in values] + ['other values', 'missing']
-    moved = [i for i in np.argsort(-np.abs(act - props), kind='stable')[:3]
-             if abs(act[i] - props[i]) >= 0.02 and i != len(values) and not (i < len(values) and known[i] == 0)]
-    if moved: parts.append(', '.join(f"{names[i]} {props[i]:.1%} -> {act[i]:.1%}" for i in moved))
-    return _row(name, 'categorical', n, v, 'chi2', stat, p, th, f"{name}: {'; '.join(parts) or 'no share moved by 2 points'}")
+    parts = [s for s in (_new_values(vc, n, values, _known(prof, spec)), _vanished(values, props, known), _moves(values, props, act, known)) if s]
+    return _row(name, 'categorical', n, psi(props, act), 'chi2', stat, p, th, f"{name}: {'; '.join(parts) or 'no share moved by 2 points'}")
 
-# %% ../nbs/60_drift.ipynb #158daa01
-_ORDER = {'alert': 0, 'warn': 1, 'ok': 2}
-DRIFT_COLUMNS = ['feature', 'kind', 'n', 'psi', 'test', 'statistic', 'p_value', 'level', 'detail']
-
+# %% ../nbs/60_drift.ipynb #f8c61612
 def feature_drift(served:pd.DataFrame, # served features, one column per contract feature, as `coerce_features` returns them
                   reference:dict, # the model's training profile, `mlkit.profile.profile(train_df, contract)`
                   contract:dict, # the data contract
@@ -136,7 +167,7 @@ def feature_drift(served:pd.DataFrame, # served features, one column per contrac
     rows = []
     for c in feats:
         prof, s = reference[c], _served(served, c, contract)
-        if prof['kind'] == 'numeric': rows.append(_numeric_row(c, _floats(s), prof, th))
+        if prof['kind'] == 'numeric': rows.append(_numeric_row(c, as_floats(s), prof, th))
         else: rows.append(_categorical_row(c, label_counts(s), len(s), prof, contract['columns'][c], th))
     out = pd.DataFrame(rows, columns=DRIFT_COLUMNS)
     return out.iloc[np.lexsort((-out.psi.to_numpy(), out.level.map(_ORDER).to_numpy()))].reset_index(drop=True)
@@ -157,6 +188,27 @@ def score_drift(served:np.ndarray, # served model scores: positive-class probabi
     prof = column_profile(pd.Series(r), 'numeric') | dict(sample=np.sort(r)) # KS against all the reference scores
     return _numeric_row(name, x, prof, (psi_warn, psi_alert, p_value))
 
+# %% ../nbs/60_drift.ipynb #b1c968ae
+def _labeled_only(prof:dict)->dict:
+    "The target profile `prof` renormalised to its labeled rows: the training target's missing share plays no part"
+    props = np.asarray(prof['props'], float)
+    labeled = props[:-1].sum() or 1.0
+    return dict(prof, props=np.r_[props[:-1] / labeled, 0.0].tolist(), count=round(prof['count'] * labeled))
+
+# %% ../nbs/60_drift.ipynb #1bc81770
+def _class_drift(t:str, y:pd.Series, prof:dict, spec:dict, th:tuple, max_shift:float|None, p_value:float)->dict:
+    "Drift of the class labels `y` from the labeled-only target profile: chi-square and PSI, an alert too when shares moved `max_shift` (total variation)"
+    vc = label_counts(y)
+    row = _categorical_row(t, vc, len(y), prof, spec, th)
+    shares = lambda p: ', '.join(f"{k} {s:.1%}" for k, s in zip(prof['values'], p))
+    after = vc.reindex(prof['values'], fill_value=0).to_numpy(float) / len(y)
+    new = vc[~vc.index.isin(prof['values'])]
+    extra = f"; classes unseen in training {', '.join(f'{k!r} ({c / len(y):.1%})' for k, c in new.items())}" if len(new) else ''
+    tv = total_variation(np.r_[after, new.sum() / len(y)], prof['props'][:-1])
+    if max_shift is not None and tv >= max_shift and row['p_value'] < p_value: row['level'] = 'alert'
+    return row | dict(detail=f"{t}: class shares {shares(prof['props'][:-2])} -> {shares(after)}{extra} "
+                             f"(PSI {row['psi']:.2f}, moved {tv:.1%}, chi2 {_p(row['p_value'])})")
+
 # %% ../nbs/60_drift.ipynb #2d668873
 def label_drift(labels:pd.Series, # labels that arrived as feedback (missing ones are left out)
                 reference:dict, # the model's training profile, with its target
@@ -171,43 +223,25 @@ def label_drift(labels:pd.Series, # labels that arrived as feedback (missing one
     if t not in reference: raise DriftError(f"the training profile has no target {t!r}")
     y = pd.Series(labels).dropna()
     if not len(y): raise NoDataError(f"no labels of {t!r} have arrived")
-    prof = dict(reference[t])
-    props = np.asarray(prof['props'], float)
-    labeled = props[:-1].sum() or 1.0 # compare labeled rows only: the training target's missing share plays no part
-    prof.update(props=np.r_[props[:-1] / labeled, 0.0].tolist(), count=round(prof['count'] * labeled))
-    if prof['kind'] == 'numeric': return _numeric_row(t, _floats(y), prof, th)
-    vc = label_counts(y)
-    row = _categorical_row(t, vc, len(y), prof, contract['columns'].get(t, {}), th)
-    shares = lambda p: ', '.join(f"{k} {s:.1%}" for k, s in zip(prof['values'], p))
-    after = vc.reindex(prof['values'], fill_value=0).to_numpy(float) / len(y)
-    new = vc[~vc.index.isin(prof['values'])]
-    extra = f"; classes unseen in training {', '.join(f'{k!r} ({c / len(y):.1%})' for k, c in new.items())}" if len(new) else ''
-    tv = 0.5 * float(np.abs(np.r_[after, new.sum() / len(y)] - np.asarray(prof['props'][:-1])).sum()) # total variation
-    if max_shift is not None and tv >= max_shift and row['p_value'] < p_value: row['level'] = 'alert'
-    return row | dict(detail=f"{t}: class shares {shares(prof['props'][:-2])} -> {shares(after)}{extra} "
-                             f"(PSI {row['psi']:.2f}, moved {tv:.1%}, chi2 {_p(row['p_value'])})")
+    prof = _labeled_only(reference[t])
+    if prof['kind'] == 'numeric': return _numeric_row(t, as_floats(y), prof, th)
+    return _class_drift(t, y, prof, contract['columns'].get(t, {}), th, max_shift, p_value)
 
 # %% ../nbs/60_drift.ipynb #ecd3e5bd
-def _bin_index(s:pd.Series, prof:dict)->np.ndarray:
-    "The bin of `prof` each row of `s` falls in, as `distribution` counts them (last bin: missing)"
-    if prof['kind'] == 'numeric':
-        x = _floats(s)
-        return np.where(np.isnan(x), len(prof['edges']) + 1, np.searchsorted(np.asarray(prof['edges'], float), x, side='right'))
-    codes, labels = label_codes(s)
-    pos = {v: i for i, v in enumerate(prof['values'])}
-    lookup = np.array([pos.get(l, len(pos)) for l in labels] + [len(pos) + 1], dtype=np.int64) # unknown: other; code -1: missing
-    return lookup[codes]
-
-def _psi_rows(expected:np.ndarray, actual:np.ndarray, eps:float=1e-4)->np.ndarray:
-    "`psi` of each row of `actual` against `expected`"
-    e, a = np.clip(expected, eps, None), np.clip(actual, eps, None)
-    return ((a - e) * np.log(a / e)).sum(1)
-
 def _window_start(t:pd.Series, freq:str)->pd.Series:
     "Start of the window of length `freq` each UTC time falls in"
     try: return t.dt.floor(freq)
     except ValueError: return t.dt.tz_localize(None).dt.to_period(freq).dt.start_time.dt.tz_localize('UTC') # W, MS: calendar windows
 
+# %% ../nbs/60_drift.ipynb #91b50c5a
+def _window_codes(times, n:int, freq:str)->tuple[np.ndarray, pd.Index]:
+    "The window of each of `n` served rows (codes; -1 where the time is missing) and the windows' starts, from `times` read as UTC"
+    if len(times) != n: raise DriftError(f"{len(times)} times for {n} served rows")
+    try: t = pd.to_datetime(pd.Series(times).reset_index(drop=True), utc=True)
+    except (ValueError, TypeError) as e: raise DriftError(f"times are not timestamps: {e}") from e
+    return pd.factorize(_window_start(t, freq))
+
+# %% ../nbs/60_drift.ipynb #f92766d2
 def drift_over_time(served:pd.DataFrame, # served features, as for `feature_drift`
                     times:pd.Series, # the time of each served row (naive times are read as UTC)
                     reference:dict, # the model's training profile
@@ -217,21 +251,18 @@ def drift_over_time(served:pd.DataFrame, # served features, as for `feature_drif
                    )->pd.DataFrame:
     "PSI of each feature against the training profile per time window: index window start (UTC), one column per feature"
     feats = _check(served, reference, contract, empty_ok=True)
-    if len(times) != len(served): raise DriftError(f"{len(times)} times for {len(served)} served rows")
-    try: t = pd.to_datetime(pd.Series(times).reset_index(drop=True), utc=True)
-    except (ValueError, TypeError) as e: raise DriftError(f"times are not timestamps: {e}") from e
-    w, starts = pd.factorize(_window_start(t, freq))
+    w, starts = _window_codes(times, len(served), freq)
     rows = np.bincount(w[w >= 0], minlength=len(starts))
     keep = np.flatnonzero(rows >= min_rows)
     keep = keep[np.argsort(starts[keep])]
     idx = pd.DatetimeIndex(starts[keep] if len(keep) else [], tz='UTC', name='window').as_unit('ns')
     out = pd.DataFrame(index=idx, columns=feats, dtype=float)
     ok = w >= 0
-    for c in feats:
+    for c in feats: # each row binned once, counted per window
         prof, k = reference[c], len(reference[c]['props'])
-        b = _bin_index(_served(served, c, contract), prof)
+        b = bin_index(_served(served, c, contract), prof)
         counts = np.bincount(w[ok] * k + b[ok], minlength=len(starts) * k).reshape(len(starts), k)
-        out[c] = _psi_rows(np.asarray(prof['props'], float), counts[keep] / rows[keep, None])
+        out[c] = psi(prof['props'], counts[keep] / rows[keep, None])
     return out
 
 # %% ../nbs/60_drift.ipynb #3dbef8c1
@@ -239,41 +270,58 @@ UNIT_FACTORS = (10, 100, 1000, 1e6, 2.54, 0.3048, 1.609344, 0.45359237, 3.6, 12,
 _STUCK_SHARE, _STUCK_MARGIN, _NULL_MARGIN, _GONE = 0.5, 0.3, 0.1, 0.02
 _SURE = 1e-6 # a finding must also be this unlikely by chance, so a handful of rows never makes one
 
+# %% ../nbs/60_drift.ipynb #a8eb9e85
 def _rare(k:int, n:int, p:float)->bool:
     "Are `k` or more of `n` rows unlikely (< `_SURE`) when the training share is `p`?"
     return bool(stats.binom.sf(k - 1, n, min(max(p, 1e-9), 1.0)) < _SURE)
 
+# %% ../nbs/60_drift.ipynb #9fc8716f
 def _quantiles(xs:np.ndarray, k:int=1000)->np.ndarray:
     "k inverted-CDF quantiles of the sorted values `xs`"
     return xs[np.clip(np.ceil((np.arange(k) + 0.5) / k * len(xs)).astype(int) - 1, 0, len(xs) - 1)]
 
-def _factor(f:float)->str: return f"x {f:g}" if f >= 1 else f"/ {1 / f:.6g}"
+# %% ../nbs/60_drift.ipynb #5b1c6356
+def _factor(f:float)->str:
+    "A unit factor as a sentence writes it: 'x 100', '/ 2.54'"
+    return f"x {f:g}" if f >= 1 else f"/ {1 / f:.6g}"
 
+# %% ../nbs/60_drift.ipynb #857fd529
+def _ks_factor(xs:np.ndarray, sample:list, fs:list)->float|None:
+    "The factor of `fs` that brings the sorted served values `xs` closest to the training `sample`, if raw they are far off and rescaled close"
+    ref, q = np.sort(np.asarray(sample, float)), _quantiles(xs)
+    ks, en = lambda f: _ks(ref, q / f)[0], round(len(ref) * len(xs) / (len(ref) + len(xs)))
+    d0 = ks(1.0)
+    f = min(fs, key=ks)
+    d = ks(f) # rescaled, it must be close (few rows: no worse than chance) and much closer than raw
+    return f if d0 >= 0.3 and stats.kstwo.sf(d0, en) < _SURE and d <= d0 / 3 and (d <= 0.1 or stats.kstwo.sf(d, en) > 0.01) else None
+
+# %% ../nbs/60_drift.ipynb #d1da59ea
+def _moments_factor(xs:np.ndarray, prof:dict, fs:list)->float|None:
+    "For a profile saved without `sample`: the factor of `fs` by which both the mean and the spread of `xs` moved"
+    m, s = xs.mean() / prof['mean'], xs.std() / prof['std'] if prof.get('std') else np.nan
+    f = min(fs, key=lambda f: abs(np.log(abs(m) / f)) if m else np.inf)
+    return f if m > 0 and abs(np.log(m / f)) < 0.05 and abs(np.log(s / f)) < 0.1 else None
+
+# %% ../nbs/60_drift.ipynb #318201db
 def _unit_change(c:str, xs:np.ndarray, prof:dict)->dict|None:
     "A served distribution that matches the training one once divided by a unit factor (while the raw one does not)"
     if len(xs) < 30 or not prof.get('mean'): return None
     fs = [*UNIT_FACTORS, *(1 / f for f in UNIT_FACTORS)]
-    if prof.get('sample'):
-        ref, q = np.sort(np.asarray(prof['sample'], float)), _quantiles(xs)
-        ks, en = lambda f: _ks(ref, q / f)[0], round(len(ref) * len(xs) / (len(ref) + len(xs)))
-        d0 = ks(1.0)
-        f = min(fs, key=ks)
-        d = ks(f) # rescaled, it must be close (few rows: no worse than chance) and much closer than raw
-        if not (d0 >= 0.3 and stats.kstwo.sf(d0, en) < _SURE and d <= d0 / 3 and (d <= 0.1 or stats.kstwo.sf(d, en) > 0.01)): return None
-    else: # a profile saved without `sample`: the mean and spread both moved by the factor
-        m, s = xs.mean() / prof['mean'], xs.std() / prof['std'] if prof.get('std') else np.nan
-        f = min(fs, key=lambda f: abs(np.log(abs(m) / f)) if m else np.inf)
-        if not (m > 0 and abs(np.log(m / f)) < 0.05 and abs(np.log(s / f)) < 0.1): return None
+    f = _ks_factor(xs, prof['sample'], fs) if prof.get('sample') else _moments_factor(xs, prof, fs)
+    if f is None: return None
     return dict(feature=c, kind='unit_change', value=float(f),
                 detail=f"{c}: served values look like the training values {_factor(f)} (mean {_num(xs.mean())}, "
                        f"{_num(prof['mean'])} in training): a unit change upstream?")
 
+# %% ../nbs/60_drift.ipynb #27e2e803
 def _stuck(c:str, v, k:int, n:int, before:float)->dict|None:
+    "A value held by `k` of `n` served rows, half of them or more and 30 points over its training share `before`, and unlikely by chance"
     share = k / n
     if share >= _STUCK_SHARE and share - before >= _STUCK_MARGIN and _rare(k, n, before):
         return dict(feature=c, kind='stuck_value', value=v, detail=f"{c}: {v!r} in {share:.1%} of served rows ({before:.1%} in training): "
                                                                     "a column filled with a default?")
 
+# %% ../nbs/60_drift.ipynb #dce9db18
 def _renamed(c:str, vc:pd.Series, n:int, prof:dict, seen:set)->list[dict]:
     "Training categories with a real share that vanished while an unseen value took a similar share"
     new = (vc[(vc > 0) & ~vc.index.isin(list(seen))] / n).sort_values(ascending=False, kind='stable')
@@ -288,6 +336,40 @@ def _renamed(c:str, vc:pd.Series, n:int, prof:dict, seen:set)->list[dict]:
                         detail=f"{c}: {v!r} -> {k!r}? ({v!r}: {p0:.1%} of training rows, gone; {k!r}, unseen in training: {s:.1%} of served rows)"))
     return out
 
+# %% ../nbs/60_drift.ipynb #a5cfb8f5
+def _null_spike(c:str, s:pd.Series, props:np.ndarray)->dict|None:
+    "A served missing share 10 points above training's (`props[-1]`) and twice it, and unlikely by chance"
+    n, nulls = len(s), int(s.isna().sum())
+    if nulls / n >= props[-1] + _NULL_MARGIN and nulls / n >= 2 * props[-1] and _rare(nulls, n, props[-1]):
+        return dict(feature=c, kind='null_spike', value=nulls / n, detail=f"{c}: {nulls / n:.1%} of served rows missing ({props[-1]:.1%} in training)")
+
+# %% ../nbs/60_drift.ipynb #9e6c0ceb
+def _numeric_skew(c:str, s:pd.Series, prof:dict)->list[dict]:
+    "Unit change and stuck value findings of a served numeric column"
+    x = as_floats(s)
+    xs = np.sort(x[~np.isnan(x)])
+    if not len(xs): return []
+    props = np.asarray(prof['props'], float)
+    v = xs[(len(xs) - 1) // 2] # a value held by half the rows is the median
+    k = int(np.searchsorted(xs, v, 'right') - np.searchsorted(xs, v, 'left'))
+    sample = prof.get('sample')
+    if sample: before = float(np.mean(np.asarray(sample) == v)) * (1 - props[-1])
+    else: before = float(props[np.searchsorted(np.asarray(prof['edges'], float), v, side='right')]) # its bin's share: at most
+    return [f for f in (_unit_change(c, xs, prof), _stuck(c, float(v), k, len(s), before)) if f]
+
+# %% ../nbs/60_drift.ipynb #292addce
+def _categorical_skew(c:str, s:pd.Series, prof:dict, spec:dict)->list[dict]:
+    "Stuck value and renamed category findings of a served categorical column"
+    vc = label_counts(s)
+    if not vc.sum(): return []
+    props = np.asarray(prof['props'], float)
+    v = vc.idxmax()
+    before = float(props[prof['values'].index(v)]) if v in prof['values'] else 0.0
+    out = [f for f in [_stuck(c, v, int(vc[v]), len(s), before)] if f]
+    if (seen := _known(prof, spec)) is not None: out += _renamed(c, vc, len(s), prof, seen)
+    return out
+
+# %% ../nbs/60_drift.ipynb #b538fa13
 def serving_skew(served:pd.DataFrame, # served features, as for `feature_drift`
                  reference:dict, # the training profile of the model that answered
                  contract:dict, # the data contract
@@ -295,30 +377,9 @@ def serving_skew(served:pd.DataFrame, # served features, as for `feature_drift`
     "Signatures of a broken upstream pipeline: unit changes, values stuck at a default, renamed categories, null spikes"
     feats, out = _check(served, reference, contract), []
     for c in feats:
-        prof, s, n = reference[c], _served(served, c, contract), len(served)
-        props = np.asarray(prof['props'], float)
-        nulls = int(s.isna().sum())
-        if nulls / n >= props[-1] + _NULL_MARGIN and nulls / n >= 2 * props[-1] and _rare(nulls, n, props[-1]):
-            out.append(dict(feature=c, kind='null_spike', value=nulls / n,
-                            detail=f"{c}: {nulls / n:.1%} of served rows missing ({props[-1]:.1%} in training)"))
-        if prof['kind'] == 'numeric':
-            x = _floats(s)
-            xs = np.sort(x[~np.isnan(x)])
-            if not len(xs): continue
-            if f := _unit_change(c, xs, prof): out.append(f)
-            v = xs[(len(xs) - 1) // 2] # a value held by half the rows is the median
-            k = int(np.searchsorted(xs, v, 'right') - np.searchsorted(xs, v, 'left'))
-            sample = prof.get('sample')
-            if sample: before = float(np.mean(np.asarray(sample) == v)) * (1 - props[-1])
-            else: before = float(props[np.searchsorted(np.asarray(prof['edges'], float), v, side='right')]) # its bin's share: at most
-            if f := _stuck(c, float(v), k, n, before): out.append(f)
-        else:
-            vc = label_counts(s)
-            if not vc.sum(): continue
-            v = vc.idxmax()
-            before = float(props[prof['values'].index(v)]) if v in prof['values'] else 0.0
-            if f := _stuck(c, v, int(vc[v]), n, before): out.append(f)
-            if (seen := _known(prof, contract['columns'][c])) is not None: out += _renamed(c, vc, n, prof, seen)
+        prof, s = reference[c], _served(served, c, contract)
+        if f := _null_spike(c, s, np.asarray(prof['props'], float)): out.append(f)
+        out += _numeric_skew(c, s, prof) if prof['kind'] == 'numeric' else _categorical_skew(c, s, prof, contract['columns'][c])
     return out
 
 # %% ../nbs/60_drift.ipynb #0088b6a9

@@ -13,8 +13,8 @@ from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostin
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 
 from .contract import ContractReport, features
-from .profile import distribution, psi_by_column
-from .metrics import improvement
+from .profile import distribution, psi_by_column, target_values, total_variation
+from .metrics import fmt_num, improvement
 from .train import build_pipeline
 
 # %% auto #0
@@ -24,28 +24,36 @@ __all__ = ['Check', 'label_shift', 'feature_shift', 'duplicate_rows', 'out_of_co
 # %% ../nbs/14_guards.ipynb #0a6af738
 @dataclass
 class Check:
+    "One guard's verdict: what it measured, against which threshold, whether it passed, and a sentence saying by how much"
     name: str
     value: float|None
     threshold: float|None
     passed: bool
     detail: str
 
-    def as_dict(self): return asdict(self)
-
-def _fmt(v): return 'n/a' if v is None else f"{v:.4g}"
+    def as_dict(self)->dict:
+        "The check as JSON-able values"
+        return asdict(self)
 
 # %% ../nbs/14_guards.ipynb #22db1fa2
-def label_shift(df:pd.DataFrame, contract:dict, reference:dict|None, threshold:float)->Check:
+def label_shift(df:pd.DataFrame, # the new training data
+                contract:dict, # the data contract
+                reference:dict|None, # the champion's training profile (None: first model)
+                threshold:float, # largest total variation accepted (`[gate] max_label_shift`)
+               )->Check:
     "Total variation distance of the label distribution from the reference profile"
     t = contract['target']
     if not reference or t not in reference: return Check('label_shift', None, threshold, True, 'no reference profile yet (first model)')
-    y = df[t].dropna()
-    y = y.astype(float) if contract['task'] == 'regression' else y
-    tv = 0.5 * float(np.abs(np.asarray(reference[t]['props']) - distribution(y, reference[t])).sum())
+    tv = total_variation(reference[t]['props'], distribution(target_values(df, contract).dropna(), reference[t]))
     return Check('label_shift', tv, threshold, tv <= threshold,
                  f"label distribution moved by {tv:.3f} (total variation), limit {threshold:g}")
 
-def feature_shift(df:pd.DataFrame, contract:dict, reference:dict|None, threshold:float)->Check:
+# %% ../nbs/14_guards.ipynb #14436a76
+def feature_shift(df:pd.DataFrame, # the new training data
+                  contract:dict, # the data contract
+                  reference:dict|None, # the champion's training profile (None: first model)
+                  threshold:float, # largest PSI accepted (`[gate] max_feature_psi`)
+                 )->Check:
     "Largest PSI of a feature against the reference profile"
     if not reference: return Check('feature_psi', None, threshold, True, 'no reference profile yet (first model)')
     scores = {c: v for c, v in psi_by_column(df, reference, contract).items() if c != contract['target']}
@@ -55,18 +63,45 @@ def feature_shift(df:pd.DataFrame, contract:dict, reference:dict|None, threshold
     return Check('feature_psi', v, threshold, not over, f"PSI over {threshold:g}: {', '.join(over)}" if over else f"largest PSI {v:.3f} ({c}), limit {threshold:g}")
 
 # %% ../nbs/14_guards.ipynb #1ed53e15
-def duplicate_rows(df:pd.DataFrame, contract:dict, threshold:float)->Check:
+def duplicate_rows(df:pd.DataFrame, # the new training data
+                   contract:dict, # the data contract
+                   threshold:float, # largest share of duplicates accepted (`[gate] max_duplicate_rate`)
+                  )->Check:
     "Share of rows that repeat an earlier row (features and target)"
     cols = [c for c in features(contract) + [contract['target']] if c in df]
     share = float(df.duplicated(subset=cols).mean()) if len(df) else 0.0
     return Check('duplicates', share, threshold, share <= threshold, f"{share:.2%} of rows are duplicates, limit {threshold:.2%}")
 
-def out_of_contract(report:ContractReport, threshold:float)->Check:
+# %% ../nbs/14_guards.ipynb #5d46d094
+def out_of_contract(report:ContractReport, # `check_contract(df, contract)` of the new training data
+                    threshold:float, # largest share of such rows accepted (`[gate] max_out_of_contract`)
+                   )->Check:
     "Share of rows with a value outside the data contract"
     share = report.out_of_contract_share
     kinds = sorted({v.column for v in report.violations if v.rule in ('out_of_range', 'unknown_category')})
     return Check('out_of_contract', share, threshold, share <= threshold,
                  f"{share:.2%} of rows break the contract{' in ' + ', '.join(kinds) if kinds else ''}, limit {threshold:.2%}")
+
+# %% ../nbs/14_guards.ipynb #924103d9
+def _quick_model(contract:dict, seed:int):
+    "The pipeline of `contract` with a small boosted-trees model, for a first label-noise estimate by cross-validation"
+    est = (HistGradientBoostingClassifier if contract['task'] == 'classification' else HistGradientBoostingRegressor)(max_iter=60, random_state=seed)
+    return build_pipeline(contract, seed=seed).set_params(model=est)
+
+# %% ../nbs/14_guards.ipynb #30635612
+def _contradicted(y:pd.Series, proba:np.ndarray, classes:np.ndarray, confidence:float)->float:
+    "Share of the labels `y` that `proba` (columns in the order of `classes`) gives less than `1 - confidence`; unknown labels count"
+    pos = {c: i for i, c in enumerate(classes.tolist())}
+    idx = np.array([pos.get(v, -1) for v in y.tolist()])
+    p_label = np.where(idx >= 0, proba[np.arange(len(y)), np.clip(idx, 0, None)], 0.0)
+    return float((p_label < 1 - confidence).mean())
+
+# %% ../nbs/14_guards.ipynb #49b54cd2
+def _outlying_residuals(y:pd.Series, pred:np.ndarray)->float:
+    "Share of residuals more than 4 robust standard deviations (1.4826 MAD) from their median"
+    res = y.to_numpy(float) - pred
+    mad = 1.4826 * np.median(np.abs(res - np.median(res))) or 1e-12
+    return float((np.abs(res - np.median(res)) / mad > 4).mean())
 
 # %% ../nbs/14_guards.ipynb #b06b2ff9
 def label_noise(df:pd.DataFrame, # labeled rows
@@ -82,27 +117,19 @@ def label_noise(df:pd.DataFrame, # labeled rows
     if len(df) > max_rows: df = df.sample(max_rows, random_state=seed)
     if len(df) == 0: return 0.0
     y = df[contract['target']]
-    if contract['task'] == 'classification':
-        if model is not None:
-            proba, classes = model.predict_proba(df), np.asarray(model.classes_)
-        else:
-            if y.value_counts().min() < folds: return 0.0
-            pipe = build_pipeline(contract, seed=seed).set_params(model=HistGradientBoostingClassifier(max_iter=60, random_state=seed))
-            proba = cross_val_predict(pipe, df, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method='predict_proba')
-            classes = np.sort(y.unique())
-        pos = {c: i for i, c in enumerate(classes.tolist())}
-        idx = np.array([pos.get(v, -1) for v in y.tolist()])
-        p_label = np.where(idx >= 0, proba[np.arange(len(y)), np.clip(idx, 0, None)], 0.0)
-        return float((p_label < 1 - confidence).mean())
-    if model is not None: pred = model.predict(df)
-    else:
-        pipe = build_pipeline(contract, seed=seed).set_params(model=HistGradientBoostingRegressor(max_iter=60, random_state=seed))
-        pred = cross_val_predict(pipe, df, y, cv=KFold(folds, shuffle=True, random_state=seed))
-    res = y.to_numpy(float) - pred
-    mad = 1.4826 * np.median(np.abs(res - np.median(res))) or 1e-12
-    return float((np.abs(res - np.median(res)) / mad > 4).mean())
+    if contract['task'] == 'regression':
+        pred = model.predict(df) if model is not None else cross_val_predict(_quick_model(contract, seed), df, y, cv=KFold(folds, shuffle=True, random_state=seed))
+        return _outlying_residuals(y, pred)
+    if model is not None: return _contradicted(y, model.predict_proba(df), np.asarray(model.classes_), confidence)
+    if y.value_counts().min() < folds: return 0.0
+    proba = cross_val_predict(_quick_model(contract, seed), df, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method='predict_proba')
+    return _contradicted(y, proba, np.sort(y.unique()), confidence)
 
-def label_noise_check(noise:float, baseline:float|None, max_increase:float)->Check:
+# %% ../nbs/14_guards.ipynb #210e8f86
+def label_noise_check(noise:float, # `label_noise` of the new data, by the champion
+                      baseline:float|None, # the champion's label noise on its golden holdout (None: no champion)
+                      max_increase:float, # `[gate] max_label_noise_increase`
+                     )->Check:
     "Label noise must not rise over the champion's baseline by more than `max_increase`"
     if baseline is None: return Check('label_noise', noise, None, True, f"estimated label noise {noise:.2%} (no champion to compare with)")
     rise = noise - baseline
@@ -118,7 +145,7 @@ def poisoning_checks(df:pd.DataFrame, # the new training data
                      reference:dict|None=None, # the champion's training profile
                      champion=None, # the champion's pipeline (None: first model)
                      noise_baseline:float|None=None, # the champion's label noise on its golden holdout
-                     seed:int=0,
+                     seed:int=0, # random seed of the label-noise cross-validation (first model)
                     )->tuple[list[Check], float]:
     "Run every poisoning and integrity check; return the checks and the label-noise estimate"
     noise = label_noise(df, contract, champion, seed)
@@ -128,6 +155,28 @@ def poisoning_checks(df:pd.DataFrame, # the new training data
               out_of_contract(report, gate.max_out_of_contract),
               label_noise_check(noise, noise_baseline if champion is not None else None, gate.max_label_noise_increase)]
     return checks, noise
+
+# %% ../nbs/14_guards.ipynb #8187d62c
+def _rejections(checks:list[Check], metric:str, candidate:dict, baseline:dict, gate)->list[str]:
+    "Reasons to reject a candidate: its failed checks, and not beating the trivial baseline by `gate.baseline_margin`"
+    reasons = [f"check {c.name} failed: {c.detail}" for c in checks if not c.passed]
+    gain = improvement(metric, candidate.get(metric), baseline.get(metric))
+    if gain is None or gain < gate.baseline_margin:
+        reasons.append(f"does not beat the trivial baseline: {metric} {fmt_num(candidate.get(metric))} vs {fmt_num(baseline.get(metric))} "
+                       f"(needs +{gate.baseline_margin:g})")
+    return reasons
+
+# %% ../nbs/14_guards.ipynb #e4f3855d
+def _against_champion(metric:str, candidate:dict, champion:dict, gate, comparison:dict|None)->dict:
+    "promote or challenger, for a candidate that passed every check: is it worse than the champion beyond `gate.tolerance` and the noise?"
+    new, old = fmt_num(candidate.get(metric)), fmt_num(champion.get(metric))
+    delta = improvement(metric, candidate.get(metric), champion.get(metric))
+    if delta is None or delta >= -gate.tolerance: return dict(decision='promote', reasons=[f"{metric} {new} vs champion {old}; all checks passed"])
+    if comparison is None or comparison.get('ci_high') is None or comparison['ci_high'] < 0: # a drop the holdout can tell from its noise
+        ci = f", 95% interval of the difference [{comparison['ci_low']:+.4g}, {comparison['ci_high']:+.4g}]" if comparison and comparison.get('ci_low') is not None else ''
+        return dict(decision='challenger', reasons=[f"{metric} on the golden holdout {new} is worse than the champion's {old} by {-delta:.4g} (tolerance {gate.tolerance:g}{ci})"])
+    return dict(decision='promote', reasons=[f"{metric} {new} vs champion {old}: a drop within the holdout's noise "
+                                             f"(95% interval [{comparison['ci_low']:+.4g}, {comparison['ci_high']:+.4g}]); all checks passed"])
 
 # %% ../nbs/14_guards.ipynb #89ad8e85
 def gate_decision(checks:list[Check], # poisoning and integrity checks
@@ -139,30 +188,15 @@ def gate_decision(checks:list[Check], # poisoning and integrity checks
                   comparison:dict|None=None, # `mlkit.train.compare(candidate, champion, holdout, ...)`
                  )->dict:
     "Decide `promote`, `challenger` or `reject`, with the reasons"
-    reasons = [f"check {c.name} failed: {c.detail}" for c in checks if not c.passed]
-    gain = improvement(metric, candidate.get(metric), baseline.get(metric))
-    if gain is None or gain < gate.baseline_margin:
-        reasons.append(f"does not beat the trivial baseline: {metric} {_fmt(candidate.get(metric))} vs {_fmt(baseline.get(metric))} "
-                       f"(needs +{gate.baseline_margin:g})")
-    if reasons: return dict(decision='reject', reasons=reasons)
-    if champion is not None:
-        delta = improvement(metric, candidate.get(metric), champion.get(metric))
-        seen = comparison is None or comparison.get('ci_high') is None or comparison['ci_high'] < 0
-        if delta is not None and delta < -gate.tolerance and seen:
-            ci = f", 95% interval of the difference [{comparison['ci_low']:+.4g}, {comparison['ci_high']:+.4g}]" if comparison and comparison.get('ci_low') is not None else ''
-            return dict(decision='challenger', reasons=[f"{metric} on the golden holdout {_fmt(candidate.get(metric))} is worse than the "
-                        f"champion's {_fmt(champion.get(metric))} by {-delta:.4g} (tolerance {gate.tolerance:g}{ci})"])
-        if delta is not None and delta < -gate.tolerance:
-            return dict(decision='promote', reasons=[f"{metric} {_fmt(candidate.get(metric))} vs champion {_fmt(champion.get(metric))}: a drop within "
-                        f"the holdout's noise (95% interval [{comparison['ci_low']:+.4g}, {comparison['ci_high']:+.4g}]); all checks passed"])
-        return dict(decision='promote', reasons=[f"{metric} {_fmt(candidate.get(metric))} vs champion {_fmt(champion.get(metric))}; all checks passed"])
-    return dict(decision='promote', reasons=[f"first model: {metric} {_fmt(candidate.get(metric))}, baseline {_fmt(baseline.get(metric))}; all checks passed"])
+    if reasons := _rejections(checks, metric, candidate, baseline, gate): return dict(decision='reject', reasons=reasons)
+    if champion is not None: return _against_champion(metric, candidate, champion, gate, comparison)
+    return dict(decision='promote', reasons=[f"first model: {metric} {fmt_num(candidate.get(metric))}, baseline {fmt_num(baseline.get(metric))}; all checks passed"])
 
 # %% ../nbs/14_guards.ipynb #3c39af0d
 def rate_limit(starts:list[datetime], # start times of earlier retrains that count
                min_interval_hours:float, # `[schedule] min_retrain_interval_hours`
                max_per_day:int, # `[schedule] max_retrains_per_day`
-               now:datetime|None=None,
+               now:datetime|None=None, # the time of the check (default: now); naive times are UTC
               )->tuple[bool, datetime|None, str]:
     "Whether a retrain may start now; if not, when it may and why"
     now = now or datetime.now(timezone.utc)

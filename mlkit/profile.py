@@ -7,75 +7,111 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .contract import coerce_features, label_counts
+from .contract import as_floats, coerce_features, label_codes, label_counts
 
 # %% auto #0
-__all__ = ['OTHER', 'MISSING', 'SAMPLE_SIZE', 'column_profile', 'distribution', 'psi', 'profile', 'psi_by_column']
+__all__ = ['OTHER', 'MISSING', 'SAMPLE_SIZE', 'bin_index', 'distribution', 'column_profile', 'psi', 'total_variation',
+           'target_values', 'profile', 'psi_by_column']
+
+# %% ../nbs/13_profile.ipynb #45a2e306
+OTHER, MISSING = '__other__', '__missing__' # names of the last two categorical bins
+
+def bin_index(s:pd.Series, # a column, as `coerce_features` returns it (raw numbers, booleans and text work too)
+              prof:dict, # a column profile from `column_profile`
+             )->np.ndarray:
+    "The bin of `prof` each row of `s` falls in: by `edges` (numeric) or `values` then other (categorical); the last bin: missing"
+    if prof['kind'] == 'numeric':
+        x = as_floats(s)
+        return np.where(np.isnan(x), len(prof['edges']) + 1, np.searchsorted(np.asarray(prof['edges'], float), x, side='right'))
+    codes, labels = label_codes(s)
+    pos = {v: i for i, v in enumerate(prof['values'])}
+    lookup = np.array([pos.get(l, len(pos)) for l in labels] + [len(pos) + 1], dtype=np.int64) # unknown: other; code -1: missing
+    return lookup[codes]
 
 # %% ../nbs/13_profile.ipynb #def9227a
-OTHER, MISSING = '__other__', '__missing__'
+def distribution(s:pd.Series, # a column, as for `bin_index`
+                 prof:dict, # a column profile from `column_profile`
+                )->np.ndarray:
+    "Shares of `s` in the bins of `prof` (last bin: missing values)"
+    k = len(prof['edges']) + 2 if prof['kind'] == 'numeric' else len(prof['values']) + 2
+    return np.bincount(bin_index(s, prof), minlength=k) / max(len(s), 1)
+
+# %% ../nbs/13_profile.ipynb #497c5e66
 SAMPLE_SIZE = 1000 # numeric profiles keep this many quantiles of the column, for two-sample tests
 
+def _numeric_summary(s:pd.Series, bins:int)->dict:
+    "Bin edges (quantiles of the column), mean, std and `sample` of a numeric column"
+    nn = s.dropna().to_numpy(dtype=float)
+    edges = np.unique(np.quantile(nn, np.linspace(0, 1, bins + 1)[1:-1])).tolist() if len(nn) else []
+    k = min(SAMPLE_SIZE, len(nn)) # all the values when there are fewer
+    sample = np.quantile(nn, (np.arange(k) + 0.5) / k, method='inverted_cdf').tolist() if k else []
+    return dict(kind='numeric', edges=edges, mean=float(nn.mean()) if len(nn) else None, std=float(nn.std()) if len(nn) else None,
+                sample=sample)
+
+# %% ../nbs/13_profile.ipynb #82e4e334
+def _categorical_summary(s:pd.Series, top:int)->dict:
+    "The `top` most frequent labels of a column (ties in order of first appearance)"
+    vc = label_counts(s).sort_values(ascending=False, kind='stable')
+    return dict(kind='categorical', values=[str(v) for v in vc.index[vc.to_numpy() > 0][:top]])
+
+# %% ../nbs/13_profile.ipynb #e8cbe876
 def column_profile(s:pd.Series, # one column, already cast by `coerce_features` (float or text)
                    kind:str, # numeric, boolean or categorical
                    bins:int=10, # numeric bins (quantiles of this data)
                    top:int=20, # categorical values kept by name
                   )->dict:
     "Distribution summary of one column"
-    if kind == 'numeric':
-        nn = s.dropna().to_numpy(dtype=float)
-        edges = np.unique(np.quantile(nn, np.linspace(0, 1, bins + 1)[1:-1])).tolist() if len(nn) else []
-        k = min(SAMPLE_SIZE, len(nn)) # all the values when there are fewer
-        sample = np.quantile(nn, (np.arange(k) + 0.5) / k, method='inverted_cdf').tolist() if k else []
-        p = dict(kind='numeric', edges=edges, mean=float(nn.mean()) if len(nn) else None, std=float(nn.std()) if len(nn) else None,
-                 sample=sample)
-    else:
-        vc = label_counts(s).sort_values(ascending=False, kind='stable')
-        p = dict(kind='categorical', values=[str(v) for v in vc.index[vc.to_numpy() > 0][:top]])
+    p = _numeric_summary(s, bins) if kind == 'numeric' else _categorical_summary(s, top)
     p['props'] = distribution(s, p).tolist()
     p['count'] = int(len(s))
     return p
 
-def distribution(s:pd.Series, prof:dict)->np.ndarray:
-    "Shares of `s` in the bins of `prof` (last bin: missing values)"
-    n = max(len(s), 1)
-    miss = s.isna().to_numpy()
-    if prof['kind'] == 'numeric':
-        idx = np.searchsorted(np.asarray(prof['edges'], dtype=float), s.to_numpy(dtype=float)[~miss], side='right')
-        counts = np.bincount(idx, minlength=len(prof['edges']) + 1).astype(float)
-    else:
-        vc = label_counts(s)
-        known = vc.reindex(prof['values'], fill_value=0).to_numpy(dtype=float)
-        counts = np.append(known, vc.sum() - known.sum())
-    return np.append(counts, miss.sum()) / n
-
 # %% ../nbs/13_profile.ipynb #03444f35
 def psi(expected, # shares of the reference data per bin
-        actual, # shares of the new data per bin
+        actual, # shares of the new data per bin; a 2-D array: one distribution per row
         eps:float=1e-4, # floor for empty bins
-       )->float:
-    "Population stability index between two binned distributions"
+       )->float|np.ndarray:
+    "Population stability index between two binned distributions (one per row of `actual` when it has several)"
     e, a = np.clip(np.asarray(expected, float), eps, None), np.clip(np.asarray(actual, float), eps, None)
-    return float(np.sum((a - e) * np.log(a / e)))
+    v = ((a - e) * np.log(a / e)).sum(-1)
+    return float(v) if v.ndim == 0 else v
+
+# %% ../nbs/13_profile.ipynb #b187a77a
+def total_variation(p, # shares per bin
+                    q, # shares per bin, the same bins
+                   )->float:
+    "Total variation distance between two binned distributions: half the sum of the absolute differences"
+    return 0.5 * float(np.abs(np.asarray(p, float) - np.asarray(q, float)).sum())
+
+# %% ../nbs/13_profile.ipynb #49e752bc
+def target_values(df:pd.DataFrame, # data with the contract's target
+                  contract:dict, # its data contract
+                 )->pd.Series:
+    "The target column of `df` as profiles bin it: float for regression, as it is for classification"
+    y = df[contract['target']]
+    return y.astype(float) if contract['task'] == 'regression' else y
 
 # %% ../nbs/13_profile.ipynb #bf28a7c3
-def profile(df:pd.DataFrame, contract:dict, bins:int=10)->dict:
+def profile(df:pd.DataFrame, # data with the contract's features (and its target, which is profiled when present)
+            contract:dict, # the data contract
+            bins:int=10, # numeric bins
+           )->dict:
     "Profile of the features and target of `df`"
     X = coerce_features(df, contract)
     kind = lambda c: 'numeric' if contract['columns'][c]['kind'] == 'numeric' else 'categorical'
     out = {c: column_profile(X[c], kind(c), bins) for c in X.columns}
-    t = contract['target']
-    if t in df:
-        y = df[t]
-        out[t] = column_profile(y.astype(float) if contract['task'] == 'regression' else y, 'numeric' if contract['task'] == 'regression' else 'categorical', bins)
+    if contract['target'] in df:
+        out[contract['target']] = column_profile(target_values(df, contract), 'numeric' if contract['task'] == 'regression' else 'categorical', bins)
     return out
 
-def psi_by_column(df:pd.DataFrame, prof:dict, contract:dict)->dict:
+# %% ../nbs/13_profile.ipynb #836c5404
+def psi_by_column(df:pd.DataFrame, # new data with the contract's features (and target)
+                  prof:dict, # the reference profile, from `profile`
+                  contract:dict, # the data contract
+                 )->dict:
     "PSI of each profiled column of `df` against `prof`"
     X = coerce_features(df, contract)
     t = contract['target']
     res = {c: psi(prof[c]['props'], distribution(X[c], prof[c])) for c in X.columns if c in prof}
-    if t in df and t in prof:
-        y = df[t].astype(float) if contract['task'] == 'regression' else df[t]
-        res[t] = psi(prof[t]['props'], distribution(y, prof[t]))
+    if t in df and t in prof: res[t] = psi(prof[t]['props'], distribution(target_values(df, contract), prof[t]))
     return res

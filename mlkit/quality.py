@@ -5,59 +5,40 @@
 # %% ../nbs/61_quality.ipynb #7ea72e7f
 from __future__ import annotations
 from datetime import datetime, timezone
+from functools import partial
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .contract import target_classes
+from .contract import class_codes, class_names, target_classes
+from .db import utc
 from .errors import QualityError
-from .metrics import HIGHER_IS_BETTER, METRICS, NEEDS_PROBA, check_metric
+from .metrics import HIGHER_IS_BETTER, NEEDS_PROBA, check_metric, fmt_num, fmt_share
 
 # %% auto #0
-__all__ = ['BOOT_ROWS', 'BOOT_DRAWS', 'BOOT_SEED', 'LOG_COLUMNS', 'class_codes', 'z_value', 'metric_ci', 'prepare_labeled',
-           'measure_labeled', 'quality_by_window', 'quality_overall', 'fmt_num', 'fmt_share', 'quality_check',
-           'staleness', 'operational']
-
-# %% ../nbs/61_quality.ipynb #b13be2ce
-def _spellings(u)->list[str]:
-    "The ways a label value may be written as a class name"
-    ks = [str(u)]
-    if isinstance(u, (bool, np.bool_)): ks.append(str(int(u)))
-    elif isinstance(u, (float, np.floating)) and np.isfinite(u) and float(u).is_integer(): ks.append(str(int(u)))
-    elif isinstance(u, str):
-        try: f = float(u)
-        except ValueError: f = None
-        if f is not None and np.isfinite(f) and f.is_integer(): ks.append(str(int(f)))
-    return ks
-
-def class_codes(values, # labels or predicted labels (any JSON scalars; None/NaN = missing)
-                classes:list[str], # class names, as in the contract
-               )->np.ndarray:
-    "Index of each value in `classes` (compared as text; 1.0 matches '1'); -1 for missing or unknown values"
-    idx = {str(c): i for i, c in enumerate(classes)}
-    codes, uniq = pd.factorize(pd.Series(values, copy=False).reset_index(drop=True))
-    lut = np.array([next((idx[k] for k in _spellings(u) if k in idx), -1) for u in uniq] + [-1], dtype=np.int64)
-    return lut[codes]
-
-def _default_classes(*cols)->list[str]:
-    "Sorted class names seen in `cols` (the contract's convention)"
-    seen = set()
-    for c in cols: seen.update(_spellings(u)[-1] for u in pd.unique(pd.Series(c).dropna()))
-    return sorted(seen)
+__all__ = ['BOOT_ROWS', 'BOOT_DRAWS', 'BOOT_SEED', 'LOG_COLUMNS', 'z_value', 'metric_ci', 'prepare_labeled', 'measure_labeled',
+           'quality_by_window', 'quality_overall', 'quality_check', 'staleness', 'operational']
 
 # %% ../nbs/61_quality.ipynb #a0a13060
-def z_value(alpha:float)->float:
+def z_value(alpha:float, # 1 - confidence level
+           )->float:
     "The two-sided normal quantile of level `alpha` (1.96 for 0.05)"
     return float(stats.norm.ppf(1 - alpha / 2))
 
-def _f(v): return None if v is None or not np.isfinite(v) else float(v)
+# %% ../nbs/61_quality.ipynb #e2b9aefe
+def _f(v)->float|None:
+    "`v` as a float for a result; None when it is missing or not finite"
+    return None if v is None or not np.isfinite(v) else float(v)
 
+# %% ../nbs/61_quality.ipynb #a68afee3
 def _wilson(k:int, n:int, alpha:float)->tuple[float, float]:
+    "Wilson score interval of the proportion `k / n`"
     z, p = z_value(alpha), k / n
     mid, half = p + z*z / (2*n), z * np.sqrt(p*(1 - p) / n + z*z / (4*n*n))
     return (mid - half) / (1 + z*z/n), (mid + half) / (1 + z*z/n)
 
+# %% ../nbs/61_quality.ipynb #277c66c3
 def _placements(score:np.ndarray, pos:np.ndarray)->tuple[np.ndarray, np.ndarray]:
     "DeLong's placement values: per positive, the share of negatives it outscores; per negative, the share of positives outscoring it (ties half)"
     n1 = int(pos.sum()); n0 = len(pos) - n1
@@ -66,6 +47,7 @@ def _placements(score:np.ndarray, pos:np.ndarray)->tuple[np.ndarray, np.ndarray]
     v0 = 1 - (r[~pos] - stats.rankdata(score[~pos])) / n1
     return v1, v0
 
+# %% ../nbs/61_quality.ipynb #d2696b51
 def _auc(y:np.ndarray, P:np.ndarray)->tuple[float|None, float|None]:
     "ROC AUC and its DeLong standard error; multiclass: macro one-vs-rest over the classes present"
     K = P.shape[1]
@@ -86,6 +68,7 @@ def _auc(y:np.ndarray, P:np.ndarray)->tuple[float|None, float|None]:
         psi[~pos] += (v0 - a) / len(v0) / len(present)
     return float(np.mean(aucs)), float(np.sqrt((psi**2).sum()))
 
+# %% ../nbs/61_quality.ipynb #54fb272e
 def _f1(y:np.ndarray, p:np.ndarray, K:int, axis=None):
     "F1 of the positive class (binary) or macro F1 over all `K` classes; works along `axis` for bootstrap draws"
     ks = [1] if K == 2 else range(K)
@@ -96,11 +79,13 @@ def _f1(y:np.ndarray, p:np.ndarray, K:int, axis=None):
         res = res + np.where(d > 0, 2*tp / np.maximum(d, 1), 0.)
     return res / len(ks)
 
+# %% ../nbs/61_quality.ipynb #323307ad
 def _r2(y:np.ndarray, e:np.ndarray, axis=None):
     "R² from true values and errors; along `axis` for bootstrap draws"
     sst = ((y - y.mean(axis, keepdims=axis is not None))**2).sum(axis)
     with np.errstate(divide='ignore', invalid='ignore'): return 1 - (e**2).sum(axis) / sst
 
+# %% ../nbs/61_quality.ipynb #ca25e478
 BOOT_ROWS, BOOT_DRAWS, BOOT_SEED = 20_000, 200, 0
 
 def _bootstrap(stat, arrays:tuple, value:float, alpha:float)->tuple[float, float, float]:
@@ -116,43 +101,69 @@ def _bootstrap(stat, arrays:tuple, value:float, alpha:float)->tuple[float, float
     lo, hi = np.quantile(dev, [alpha / 2, 1 - alpha / 2])
     return value + lo, value + hi, dev.std(ddof=1)
 
+# %% ../nbs/61_quality.ipynb #ed4afb7e
+def _accuracy_ci(y:np.ndarray, p:np.ndarray, P, alpha:float)->tuple:
+    "Accuracy with Wilson's interval"
+    n, k = len(y), int((y == p).sum())
+    value = k / n
+    return (value, *_wilson(k, n, alpha), np.sqrt(value * (1 - value) / n), 'wilson', None)
+
+# %% ../nbs/61_quality.ipynb #08d99422
+def _auc_ci(y:np.ndarray, p, P:np.ndarray, alpha:float)->tuple:
+    "ROC AUC with DeLong's standard error; the interval on the logit scale (it stays inside [0, 1] and covers better near 1)"
+    value, se = _auc(y, P)
+    lo = hi = np.nan
+    z = z_value(alpha)
+    if value is None: value = np.nan
+    elif se is not None and 0 < value < 1:
+        L, sl = np.log(value / (1 - value)), se / (value * (1 - value))
+        lo, hi = 1 / (1 + np.exp(-(L - z*sl))), 1 / (1 + np.exp(-(L + z*sl)))
+    elif se is not None: lo, hi = max(value - z*se, 0.), min(value + z*se, 1.)
+    return value, lo, hi, se, 'delong', None
+
+# %% ../nbs/61_quality.ipynb #3e8c8551
+def _f1_ci(y:np.ndarray, p:np.ndarray, P:np.ndarray|None, alpha:float)->tuple:
+    "F1 (binary: of class 1; else macro over the classes) with a bootstrap interval"
+    K = P.shape[1] if P is not None else int(max(y.max(), p.max())) + 1
+    value = float(_f1(y, p, K))
+    lo = hi = se = np.nan
+    if len(y) > 1: lo, hi, se = _bootstrap(lambda a, b, axis=None: _f1(a, b, K, axis), (y, p), value, alpha)
+    return value, lo, hi, se, 'bootstrap', None
+
+# %% ../nbs/61_quality.ipynb #f0eaf84c
+def _r2_ci(y:np.ndarray, p:np.ndarray, P, alpha:float)->tuple:
+    "R² with a bootstrap interval (none of either for a single row)"
+    e = p - y
+    if len(y) < 2: return np.nan, np.nan, np.nan, np.nan, 'bootstrap', None
+    value = float(_r2(y, e))
+    return (value, *_bootstrap(_r2, (y, e), value, alpha), 'bootstrap', None)
+
+# %% ../nbs/61_quality.ipynb #eb043ef4
+def _row_losses(metric:str, y:np.ndarray, p:np.ndarray, P:np.ndarray|None)->np.ndarray:
+    "Per-row losses whose mean is `metric`: log loss (probabilities normalized per row), absolute or squared error"
+    if metric == 'log_loss':
+        P = P / P.sum(1, keepdims=True)
+        eps = np.finfo(float).eps
+        return -np.log(np.clip(P[np.arange(len(y)), y], eps, 1 - eps))
+    return np.abs(p - y) if metric == 'mae' else (p - y)**2
+
+# %% ../nbs/61_quality.ipynb #402c6d9e
+def _mean_loss_ci(metric:str, y:np.ndarray, p:np.ndarray, P:np.ndarray|None, alpha:float)->tuple:
+    "log_loss, mae: CLT interval of the mean loss; rmse: square root of the MSE's interval (delta-method se)"
+    loss, n, z = _row_losses(metric, y, p, P), len(y), z_value(alpha)
+    mean = loss.mean(); s = loss.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
+    if metric != 'rmse': return mean, mean - z*s, mean + z*s, s, 'clt', loss
+    value = np.sqrt(mean)
+    return value, np.sqrt(max(mean - z*s, 0.)), np.sqrt(mean + z*s), s / (2*value) if value > 0 else np.nan, 'clt_mse_sqrt', loss
+
 # %% ../nbs/61_quality.ipynb #a4643326
-def _ci(metric:str, y:np.ndarray, p:np.ndarray, P:np.ndarray|None, task:str, alpha:float)->tuple[dict, np.ndarray|None]:
+_CIS = dict(accuracy=_accuracy_ci, roc_auc=_auc_ci, f1=_f1_ci, r2=_r2_ci) # the others: means of per-row losses
+
+def _ci(metric:str, y:np.ndarray, p:np.ndarray, P:np.ndarray|None, alpha:float)->tuple[dict, np.ndarray|None]:
     "metric_ci on prepared arrays: (result, per-row losses or None)"
-    n = len(y)
-    res = dict(metric=metric, value=None, low=None, high=None, se=None, n=int(n), method=None)
-    if n == 0: return res, None
-    z, loss = z_value(alpha), None
-    value = lo = hi = se = np.nan
-    if metric == 'accuracy':
-        k = int((y == p).sum()); value = k / n
-        lo, hi = _wilson(k, n, alpha); se = np.sqrt(value * (1 - value) / n); method = 'wilson'
-    elif metric == 'roc_auc':
-        value, se = _auc(y, P); method = 'delong'
-        if value is None: value = np.nan
-        elif se is not None and 0 < value < 1: # on the logit scale: stays inside [0, 1], covers better near 1
-            L, sl = np.log(value / (1 - value)), se / (value * (1 - value))
-            lo, hi = 1 / (1 + np.exp(-(L - z*sl))), 1 / (1 + np.exp(-(L + z*sl)))
-        elif se is not None: lo, hi = max(value - z*se, 0.), min(value + z*se, 1.)
-    elif metric == 'f1':
-        K = P.shape[1] if P is not None else int(max(y.max(), p.max())) + 1
-        value = float(_f1(y, p, K)); method = 'bootstrap'
-        if n > 1: lo, hi, se = _bootstrap(lambda a, b, axis=None: _f1(a, b, K, axis), (y, p), value, alpha)
-    elif metric == 'r2':
-        e = p - y; method = 'bootstrap'
-        if n > 1: value = float(_r2(y, e)); lo, hi, se = _bootstrap(_r2, (y, e), value, alpha)
-    else: # means of per-row losses
-        if metric == 'log_loss':
-            P = P / P.sum(1, keepdims=True)
-            eps = np.finfo(float).eps
-            loss = -np.log(np.clip(P[np.arange(n), y], eps, 1 - eps))
-        else: loss = np.abs(p - y) if metric == 'mae' else (p - y)**2
-        mean = loss.mean(); s = loss.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
-        if metric == 'rmse':
-            value, method = np.sqrt(mean), 'clt_mse_sqrt'
-            lo, hi = np.sqrt(max(mean - z*s, 0.)), np.sqrt(mean + z*s)
-            se = s / (2*value) if value > 0 else np.nan
-        else: value, lo, hi, se, method = mean, mean - z*s, mean + z*s, s, 'clt'
+    res = dict(metric=metric, value=None, low=None, high=None, se=None, n=int(len(y)), method=None)
+    if len(y) == 0: return res, None
+    value, lo, hi, se, method, loss = _CIS.get(metric, partial(_mean_loss_ci, metric))(y, p, P, alpha)
     if np.isfinite(value) and np.isfinite(lo) and np.isfinite(hi):
         lo, hi = min(lo, value), max(hi, value)
     return dict(res, value=_f(value), low=_f(lo), high=_f(hi), se=_f(se), method=method), loss
@@ -163,6 +174,7 @@ def _valid_proba(P:np.ndarray, metric:str)->np.ndarray:
     ok = np.isfinite(P).all(1)
     return ok & (P.sum(1) > 0) if metric == 'log_loss' else ok
 
+# %% ../nbs/61_quality.ipynb #485134c5
 def _proba_matrix(proba, classes:list[str])->np.ndarray:
     "Probabilities as an (n, classes) float array in class order; `QualityError` naming missing class columns"
     if not isinstance(proba, pd.DataFrame): return np.asarray(proba, float)
@@ -171,6 +183,7 @@ def _proba_matrix(proba, classes:list[str])->np.ndarray:
         raise QualityError(f"proba has no column for class(es) {', '.join(map(repr, missing))}; it has {', '.join(map(repr, cols))}")
     return proba[[cols[c] for c in classes]].to_numpy(float)
 
+# %% ../nbs/61_quality.ipynb #edc9c78e
 def metric_ci(metric:str, # roc_auc, accuracy, f1, log_loss (classification); rmse, mae, r2 (regression)
               y_true, # labels (classification: compared as text with the classes) or true values; missing ones are skipped
               pred, # predicted labels or values
@@ -186,10 +199,10 @@ def metric_ci(metric:str, # roc_auc, accuracy, f1, log_loss (classification); rm
         y = pd.to_numeric(pd.Series(y_true).reset_index(drop=True), errors='coerce').to_numpy(float)
         p = pd.to_numeric(pd.Series(pred).reset_index(drop=True), errors='coerce').to_numpy(float)
         ok = np.isfinite(y) & np.isfinite(p)
-        return _ci(metric, y[ok], p[ok], None, task, alpha)[0]
+        return _ci(metric, y[ok], p[ok], None, alpha)[0]
     if metric in NEEDS_PROBA and proba is None: raise QualityError(f"{metric} needs class probabilities: pass proba")
     if classes is None:
-        classes = [str(c) for c in proba.columns] if isinstance(proba, pd.DataFrame) else _default_classes(y_true, pred)
+        classes = [str(c) for c in proba.columns] if isinstance(proba, pd.DataFrame) else class_names(y_true, pred)
     classes = [str(c) for c in classes]
     y, p = class_codes(y_true, classes), class_codes(pred, classes)
     P = _proba_matrix(proba, classes) if proba is not None else None
@@ -197,46 +210,69 @@ def metric_ci(metric:str, # roc_auc, accuracy, f1, log_loss (classification); rm
         raise QualityError(f"proba has shape {P.shape}; expected ({len(y)}, {len(classes)}): one row per label, one column per class")
     ok = y >= 0
     if P is not None and metric in NEEDS_PROBA: ok &= _valid_proba(P, metric)
-    return _ci(metric, y[ok], p[ok], P[ok] if P is not None else None, task, alpha)[0]
+    return _ci(metric, y[ok], p[ok], P[ok] if P is not None else None, alpha)[0]
 
 # %% ../nbs/61_quality.ipynb #0acf4c12
 LOG_COLUMNS = ('ts', 'variant', 'shadow', 'prediction', 'status', 'label')
 
 def _need(log:pd.DataFrame, cols, what:str):
+    "`QualityError` naming the columns of `cols` the log frame lacks, and those it has, for the function `what`"
     if missing := [c for c in cols if c not in log.columns]:
         have = ', '.join(map(str, list(log.columns)[:20])) + (', ...' if len(log.columns) > 20 else '')
         raise QualityError(f"{what} needs column(s) {', '.join(missing)} in the log frame, which has: {have or 'no columns'}")
 
-def prepare_labeled(log:pd.DataFrame, contract:dict, metric:str, what:str)->dict:
+# %% ../nbs/61_quality.ipynb #b9ae9b2a
+def _log_classes(log:pd.DataFrame, contract:dict, what:str)->list[str]|None:
+    "The contract's class names; for a contract that names none, those of the log's proba_ columns; None for regression"
+    classes = target_classes(contract)
+    if contract['task'] == 'classification' and not classes:
+        classes = sorted(c[len('proba_'):] for c in log.columns if str(c).startswith('proba_'))
+        if not classes: raise QualityError(f"{what}: the contract names no classes for '{contract['target']}' and the log has no proba_ columns")
+    return classes
+
+# %% ../nbs/61_quality.ipynb #32f82317
+def _answered(log:pd.DataFrame)->pd.DataFrame:
+    "The rows the service answered to a user: not shadow, status below 400"
+    return log[~log['shadow'].astype(bool).to_numpy() & (pd.to_numeric(log['status'], errors='coerce').fillna(0).to_numpy() < 400)]
+
+# %% ../nbs/61_quality.ipynb #d46b568f
+def _label_arrays(rows:pd.DataFrame, task:str, classes:list[str]|None, pcols:list[str], metric:str)->tuple:
+    "Labels and predictions as class codes (or values), probabilities `pcols` in class order, and the mask of rows the metric can use"
+    if task == 'regression':
+        y = pd.to_numeric(rows['label'], errors='coerce').to_numpy(float)
+        p = pd.to_numeric(rows['prediction'], errors='coerce').to_numpy(float)
+        return y, p, None, np.isfinite(y) & np.isfinite(p)
+    y, p = class_codes(rows['label'], classes), class_codes(rows['prediction'], classes)
+    P = rows[pcols].to_numpy(float) if pcols else None
+    return y, p, P, (y >= 0) & (_valid_proba(P, metric) if P is not None else True)
+
+# %% ../nbs/61_quality.ipynb #b5e2fe40
+def prepare_labeled(log:pd.DataFrame, # a frame from `PredictionLog.read`
+                    contract:dict, # the model's data contract
+                    metric:str, # a metric of the contract's task
+                    what:str, # the caller, as errors name it
+                   )->dict:
     "Arrays for the answered (non-shadow, status < 400) rows: labeled mask, codes or values, probabilities, ts, variant"
     task = contract['task']
     check_metric(metric, task)
     _need(log, LOG_COLUMNS, what)
-    classes = target_classes(contract)
-    if task == 'classification' and not classes:
-        classes = sorted(c[len('proba_'):] for c in log.columns if str(c).startswith('proba_'))
-        if not classes: raise QualityError(f"{what}: the contract names no classes for '{contract['target']}' and the log has no proba_ columns")
+    classes = _log_classes(log, contract, what)
     pcols = [f"proba_{c}" for c in classes] if task == 'classification' and metric in NEEDS_PROBA else []
     _need(log, pcols, f"{what} ({metric})")
-    rows = log[~log['shadow'].astype(bool).to_numpy() & (pd.to_numeric(log['status'], errors='coerce').fillna(0).to_numpy() < 400)]
-    labeled = rows['label'].notna().to_numpy()
-    if task == 'regression':
-        y = pd.to_numeric(rows['label'], errors='coerce').to_numpy(float)
-        p = pd.to_numeric(rows['prediction'], errors='coerce').to_numpy(float)
-        usable = np.isfinite(y) & np.isfinite(p)
-        P = None
-    else:
-        y, p = class_codes(rows['label'], classes), class_codes(rows['prediction'], classes)
-        usable = y >= 0
-        P = rows[pcols].to_numpy(float) if pcols else None
-        if P is not None: usable &= _valid_proba(P, metric)
-    return dict(task=task, classes=classes, rows=len(rows), labeled=labeled, usable=usable, y=y, p=p, P=P,
+    rows = _answered(log)
+    y, p, P, usable = _label_arrays(rows, task, classes, pcols, metric)
+    return dict(task=task, classes=classes, rows=len(rows), labeled=rows['label'].notna().to_numpy(), usable=usable, y=y, p=p, P=P,
                 ts=rows['ts'], variant=rows['variant'].to_numpy())
 
-def measure_labeled(d:dict, metric:str, alpha:float, idx=None)->tuple[dict, np.ndarray|None]:
-    "metric_ci on the usable rows of prepared arrays `d` (among the positions `idx`)"
+# %% ../nbs/61_quality.ipynb #8cd03037
+def measure_labeled(d:dict, # from `prepare_labeled`
+                    metric:str, # the metric it was prepared for
+                    alpha:float, # 1 - confidence level
+                    idx=None, # positions of the rows to measure (None: all)
+                   )->tuple[dict, np.ndarray|None]:
+    "metric_ci on the usable rows of prepared arrays `d` (among the positions `idx`), and the per-row losses of loss metrics"
     i = np.flatnonzero(d['usable']) if idx is None else idx[d['usable'][idx]]
-    return _ci(metric, d['y'][i], d['p'][i], d['P'][i] if d['P'] is not None else None, d['task'], alpha)
+    return _ci(metric, d['y'][i], d['p'][i], d['P'][i] if d['P'] is not None else None, alpha)
 
 # %% ../nbs/61_quality.ipynb #8b58fb46
 def quality_by_window(log:pd.DataFrame, # a frame from `PredictionLog.read`
@@ -261,6 +297,7 @@ def quality_by_window(log:pd.DataFrame, # a frame from `PredictionLog.read`
                         n=r['n'], value=r['value'], low=r['low'], high=r['high']))
     return pd.DataFrame(out, columns=cols).astype(dict(value=float, low=float, high=float))
 
+# %% ../nbs/61_quality.ipynb #6f94456d
 def quality_overall(log:pd.DataFrame, # a frame from `PredictionLog.read`
                     contract:dict, # the model's data contract
                     metric:str, # a metric of the contract's task
@@ -272,15 +309,20 @@ def quality_overall(log:pd.DataFrame, # a frame from `PredictionLog.read`
     k = int(d['labeled'].sum())
     return dict(r, predictions=d['rows'], labeled=k, labeled_share=k / d['rows'] if d['rows'] else 0., alpha=alpha)
 
+# %% ../nbs/61_quality.ipynb #29ca1d97
+def _labeled_text(overall:dict)->str:
+    "How many labeled predictions a live figure rests on: '1,234 labeled predictions (31% of 4,000)'"
+    lab, preds = overall.get('labeled', overall.get('n', 0)), overall.get('predictions')
+    return f"{lab:,} labeled predictions" + (f" ({fmt_share(overall.get('labeled_share', 0))} of {preds:,})" if preds else '')
+
+# %% ../nbs/61_quality.ipynb #2b354b40
+def _verdict(drop:float, max_drop:float, alert:bool, offline:float)->str:
+    "The live metric against offline: worse by how much (if at all), and past the limit, within the noise, or within the limit"
+    how = (f"worse than offline {fmt_num(offline)} by {fmt_num(drop, '.3g')}" if drop > 0 else f"not worse than offline {fmt_num(offline)}")
+    verdict = ('past the limit of ' if alert else 'within the noise of the labels; limit ' if drop > max_drop else 'within the limit of ') + fmt_num(max_drop, '.3g')
+    return f"{how}, {verdict}"
+
 # %% ../nbs/61_quality.ipynb #959e2a87
-def fmt_num(v, fmt:str='.4g')->str:
-    "`v` formatted for a sentence; 'n/a' when it is missing"
-    return 'n/a' if v is None else format(v, fmt)
-
-def fmt_share(s:float)->str:
-    "A share as a percentage, with one decimal below 10%"
-    return f"{s:.0%}" if s >= 0.1 or s == 0 else f"{s:.1%}"
-
 def quality_check(overall:dict, # from `quality_overall`
                   offline:float|None, # the model's metric on its golden holdout
                   metric:str, # the metric both are
@@ -289,27 +331,34 @@ def quality_check(overall:dict, # from `quality_overall`
     "dict(level 'ok'|'alert'|'unknown', drop, detail): is the live metric worse than offline beyond `max_drop` and the noise?"
     if metric not in HIGHER_IS_BETTER: raise QualityError(f"unknown metric {metric!r}; valid: {', '.join(HIGHER_IS_BETTER)}")
     v, lo, hi = overall.get('value'), overall.get('low'), overall.get('high')
-    lab, preds = overall.get('labeled', overall.get('n', 0)), overall.get('predictions')
-    share = f"{lab:,} labeled predictions" + (f" ({fmt_share(overall.get('labeled_share', 0))} of {preds:,})" if preds else '')
-    level = round(100 * (1 - overall.get('alpha', 0.05)))
+    share = _labeled_text(overall)
     if v is None:
-        why = 'no labeled predictions yet' if not lab else f"{metric} cannot be computed on {share} (e.g. one class only)"
+        why = f"{metric} cannot be computed on {share} (e.g. one class only)" if overall.get('labeled', overall.get('n', 0)) else 'no labeled predictions yet'
         return dict(level='unknown', drop=None, detail=f"live {metric} unknown: {why}")
-    live = f"live {metric} {fmt_num(v)} ({level}% CI {fmt_num(lo)}–{fmt_num(hi)}) on {share}"
+    live = f"live {metric} {fmt_num(v)} ({round(100 * (1 - overall.get('alpha', 0.05)))}% CI {fmt_num(lo)}–{fmt_num(hi)}) on {share}"
     if offline is None: return dict(level='unknown', drop=None, detail=f"{live}; no offline {metric} to compare with")
     up = HIGHER_IS_BETTER[metric]
     drop = float(offline - v if up else v - offline) # positive = worse than offline
-    excluded = (hi is not None and hi < offline) if up else (lo is not None and lo > offline)
-    alert = drop > max_drop and excluded
-    how = (f"worse than offline {fmt_num(offline)} by {fmt_num(drop, '.3g')}" if drop > 0 else f"not worse than offline {fmt_num(offline)}")
-    verdict = ('past the limit of ' if alert else 'within the noise of the labels; limit ' if drop > max_drop else 'within the limit of ') + fmt_num(max_drop, '.3g')
-    return dict(level='alert' if alert else 'ok', drop=drop, detail=f"{live}: {how}, {verdict}")
+    alert = drop > max_drop and ((hi is not None and hi < offline) if up else (lo is not None and lo > offline)) # and the interval excludes offline
+    return dict(level='alert' if alert else 'ok', drop=drop, detail=f"{live}: {_verdict(drop, max_drop, alert, offline)}")
 
 # %% ../nbs/61_quality.ipynb #f62b24f0
 def _utc(t)->datetime:
-    t = pd.Timestamp(t)
-    return (t.tz_localize('UTC') if t.tzinfo is None else t.tz_convert('UTC')).to_pydatetime()
+    "`t` (a datetime, pandas Timestamp or ISO text) as an aware UTC datetime; naive times are read as UTC"
+    t = pd.Timestamp(t).to_pydatetime()
+    # unlike mlkit.db.utc, which refuses naive times: a model's registry times and [monitor] settings may carry none
+    return utc(t if t.tzinfo else t.replace(tzinfo=timezone.utc))
 
+# %% ../nbs/61_quality.ipynb #79612a7a
+def _age(name:str, t, limit:int, what:str, now:datetime)->dict:
+    "How many days before `now` the time `t` was (None: unknown), and whether that is over `limit` days"
+    if t is None: return dict(name=name, days=None, limit=limit, stale=False, detail=f"{what} unknown: age not checked")
+    days = round((now - _utc(t)).total_seconds() / 86400, 2)
+    stale = days > limit
+    return dict(name=name, days=days, limit=limit, stale=stale,
+                detail=f"{what} {days:g} days ago ({_utc(t):%Y-%m-%d}): {'over' if stale else 'within'} the {limit}-day limit")
+
+# %% ../nbs/61_quality.ipynb #7fc65162
 def staleness(trained_at:datetime, # when the model was trained
               data_end:datetime|None, # last event time in its training data (None: unknown)
               now:datetime, # the time of the check
@@ -318,14 +367,8 @@ def staleness(trained_at:datetime, # when the model was trained
              )->list[dict]:
     "Model age and training-data age against their limits: [dict(name, days, limit, stale, detail)]; naive times are UTC"
     now = _utc(now)
-    def one(name, t, limit, what):
-        if t is None: return dict(name=name, days=None, limit=limit, stale=False, detail=f"{what} unknown: age not checked")
-        days = round((now - _utc(t)).total_seconds() / 86400, 2)
-        stale = days > limit
-        return dict(name=name, days=days, limit=limit, stale=stale,
-                    detail=f"{what} {days:g} days ago ({_utc(t):%Y-%m-%d}): {'over' if stale else 'within'} the {limit}-day limit")
-    return [one('model_age', trained_at, max_model_age_days, 'model trained'),
-            one('data_age', data_end, max_data_age_days, 'training data ends')]
+    return [_age('model_age', trained_at, max_model_age_days, 'model trained', now),
+            _age('data_age', data_end, max_data_age_days, 'training data ends', now)]
 
 # %% ../nbs/61_quality.ipynb #001669fb
 def operational(log:pd.DataFrame, # a frame from `PredictionLog.read`

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor, RandomForestClassifier, RandomForestRegressor
@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .contract import coerce_features, features
 from .errors import SettingsError, TrainError
@@ -39,6 +40,7 @@ def _plain_values(s:pd.Series, kind:str)->np.ndarray|pd.Series|None:
             return pd.Series([x if type(x) is str else np.nan for x in v], index=s.index, dtype=object)
     return None
 
+# %% ../nbs/20_train.ipynb #2db36d29
 def _cast_plain(X:pd.DataFrame, contract:dict)->pd.DataFrame|None:
     "`coerce_features(X, contract)` without pandas' per-value machinery, for a table whose values already have the contract's types (JSON records, typed frames); None for any other"
     cols, out = contract['columns'], {}
@@ -48,22 +50,39 @@ def _cast_plain(X:pd.DataFrame, contract:dict)->pd.DataFrame|None:
         out[c] = v
     return pd.DataFrame(out, index=X.index)
 
-class ContractCaster(TransformerMixin, BaseEstimator):
-    "Select the contract's features and cast them to its types (first step of every mlkit pipeline)"
-    def __init__(self, contract:dict|None=None): self.contract = contract
+# %% ../nbs/20_train.ipynb #f5b2ed08
+class ContractCaster(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
+    "Select the contract's features and cast them to its types (first step of every mlkit pipeline); without a contract, a float pass-through"
+    def __init__(self, contract:dict|None=None): self.contract = contract # from `mlkit.contract.infer_contract`
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True # missing values pass through, to the pipeline's imputers
+        if self.contract is not None: tags.input_tags.string = tags.input_tags.categorical = True
+        return tags
 
     def fit(self, X, y=None):
-        if self.contract is None: raise TrainError("ContractCaster needs a data contract")
+        "Learn the input features: the contract's, or (no contract) the columns of `X`, checked to be numbers"
+        if self.contract is None:
+            validate_data(self, X, dtype=np.float64, ensure_all_finite='allow-nan')
+            return self
         self.feature_names_in_ = np.array(features(self.contract), dtype=object)
         self.n_features_in_ = len(self.feature_names_in_)
         return self
 
     def transform(self, X):
+        "The contract's features of `X` cast to its types; no contract: `X` as a float array, checked against what `fit` saw"
+        check_is_fitted(self)
+        if self.contract is None: return validate_data(self, X, dtype=np.float64, ensure_all_finite='allow-nan', reset=False)
         X = X if isinstance(X, pd.DataFrame) else pd.DataFrame(X, columns=self.feature_names_in_)
         out = _cast_plain(X, self.contract)
         return out if out is not None else coerce_features(X, self.contract)
 
-    def get_feature_names_out(self, input_features=None): return self.feature_names_in_
+    def get_feature_names_out(self, input_features=None):
+        "The contract's features; no contract: the input's names (x0, x1, ... for an array)"
+        if self.contract is None: return super().get_feature_names_out(input_features)
+        check_is_fitted(self)
+        return self.feature_names_in_
 
 # %% ../nbs/20_train.ipynb #73f6eecf
 MODELS = {
@@ -79,7 +98,12 @@ MODELS = {
     },
 }
 
-def make_estimator(task:str, name:str, seed:int=42, params:dict|None=None):
+# %% ../nbs/20_train.ipynb #549a4654
+def make_estimator(task:str, # classification or regression
+                   name:str, # a model of `MODELS[task]` (`[train] model`)
+                   seed:int=42, # passed to estimators that take a `random_state`
+                   params:dict|None=None, # hyperparameters to set (`[train]` settings)
+                  ):
     "The estimator `name` for `task`, with hyperparameters `params` set"
     if task not in MODELS: raise TrainError(f"unknown task {task!r}; expected one of {', '.join(MODELS)}")
     if name not in MODELS[task]:
@@ -90,6 +114,19 @@ def make_estimator(task:str, name:str, seed:int=42, params:dict|None=None):
     if unknown: raise TrainError(f"{name} has no hyperparameter {', '.join(sorted(unknown))}; it has {', '.join(sorted(est.get_params()))}")
     return est.set_params(**params)
 
+# %% ../nbs/20_train.ipynb #0f90618e
+def _preprocessor(contract:dict)->ColumnTransformer:
+    "Imputation with indicators and scaling for numbers (booleans and times too); imputation and one-hot encoding for categories"
+    cols = contract['columns']
+    num = [c for c in features(contract) if cols[c]['kind'] in ('numeric', 'boolean', 'datetime')]
+    cat = [c for c in features(contract) if cols[c]['kind'] == 'categorical']
+    return ColumnTransformer([
+        ('num', Pipeline([('impute', SimpleImputer(strategy='median', add_indicator=True, keep_empty_features=True)),
+                          ('scale', StandardScaler())]), num),
+        ('cat', Pipeline([('impute', SimpleImputer(strategy='constant', fill_value='__missing__', keep_empty_features=True)),
+                          ('onehot', OneHotEncoder(handle_unknown='ignore', max_categories=30, sparse_output=False))]), cat),
+    ], remainder='drop', verbose_feature_names_out=False)
+
 # %% ../nbs/20_train.ipynb #a8b5c824
 def build_pipeline(contract:dict, # data contract of the training data
                    model:str='hist_gradient_boosting', # a name from `MODELS`
@@ -97,43 +134,63 @@ def build_pipeline(contract:dict, # data contract of the training data
                    params:dict|None=None, # estimator hyperparameters
                   )->Pipeline:
     "An unfitted pipeline: contract casting, imputation, encoding, scaling, estimator"
-    cols = contract['columns']
-    num = [c for c in features(contract) if cols[c]['kind'] in ('numeric', 'boolean', 'datetime')]
-    cat = [c for c in features(contract) if cols[c]['kind'] == 'categorical']
-    pre = ColumnTransformer([
-        ('num', Pipeline([('impute', SimpleImputer(strategy='median', add_indicator=True, keep_empty_features=True)),
-                          ('scale', StandardScaler())]), num),
-        ('cat', Pipeline([('impute', SimpleImputer(strategy='constant', fill_value='__missing__', keep_empty_features=True)),
-                          ('onehot', OneHotEncoder(handle_unknown='ignore', max_categories=30, sparse_output=False))]), cat),
-    ], remainder='drop', verbose_feature_names_out=False)
-    return Pipeline([('cast', ContractCaster(contract)), ('prep', pre), ('model', make_estimator(contract['task'], model, seed, params))])
+    return Pipeline([('cast', ContractCaster(contract)), ('prep', _preprocessor(contract)),
+                     ('model', make_estimator(contract['task'], model, seed, params))])
+
+# %% ../nbs/20_train.ipynb #a2b06cbc
+def _labeled(df:pd.DataFrame, contract:dict)->pd.DataFrame:
+    "The rows of `df` that have a label"
+    return df[df[contract['target']].notna()]
 
 # %% ../nbs/20_train.ipynb #6c43d4f7
-def split(df:pd.DataFrame, contract:dict, test_size:float=0.2, seed:int=42)->tuple[pd.DataFrame, pd.DataFrame]:
+def split(df:pd.DataFrame, # labeled data
+          contract:dict, # its data contract
+          test_size:float=0.2, # share of rows held out
+          seed:int=42, # random seed of the split
+         )->tuple[pd.DataFrame, pd.DataFrame]:
     "Seeded train/test split, stratified by the target for classification"
     y = df[contract['target']]
     strat = y if contract['task'] == 'classification' and y.value_counts().min() >= 2 else None
     return train_test_split(df, test_size=test_size, random_state=seed, stratify=strat)
 
-def fit(df:pd.DataFrame, contract:dict, model:str='hist_gradient_boosting', seed:int=42, params:dict|None=None)->Pipeline:
+# %% ../nbs/20_train.ipynb #51d95670
+def fit(df:pd.DataFrame, # training data; rows without a label are left out
+        contract:dict, # its data contract
+        model:str='hist_gradient_boosting', # a name from `MODELS`
+        seed:int=42, # random seed of the estimator
+        params:dict|None=None, # estimator hyperparameters
+       )->Pipeline:
     "Fit a pipeline on the rows of `df` that have a label"
-    df = df[df[contract['target']].notna()]
+    df = _labeled(df, contract)
     if len(df) < 10: raise TrainError(f"only {len(df)} labeled rows: too few to train")
     y = df[contract['target']]
     if contract['task'] == 'classification' and y.nunique() < 2: raise TrainError(f"the target has a single class ({y.iloc[0]!r}): nothing to learn")
     return build_pipeline(contract, model, seed, params).fit(df, y)
 
+# %% ../nbs/20_train.ipynb #aa73817e
+def _outputs(pipe:Pipeline, df:pd.DataFrame, contract:dict)->tuple:
+    "Predictions of `pipe` on `df`, and for classification its class probabilities and classes (None for regression)"
+    if contract['task'] == 'regression': return pipe.predict(df), None, None
+    return pipe.predict(df), pipe.predict_proba(df), list(pipe.classes_)
+
 # %% ../nbs/20_train.ipynb #2e5d86c6
-def evaluate(pipe:Pipeline, df:pd.DataFrame, contract:dict)->dict:
+def evaluate(pipe:Pipeline, # a fitted pipeline
+             df:pd.DataFrame, # data to score it on; rows without a label are left out
+             contract:dict, # its data contract
+            )->dict:
     "Metrics of `pipe` on the labeled rows of `df`"
-    df = df[df[contract['target']].notna()]
+    df = _labeled(df, contract)
     if len(df) == 0: return dict(n=0)
-    y, task = df[contract['target']], contract['task']
-    if task == 'regression': return score(y, pipe.predict(df), task=task)
-    return score(y, pipe.predict(df), pipe.predict_proba(df), list(pipe.classes_), task)
+    return score(df[contract['target']], *_outputs(pipe, df, contract), task=contract['task'])
 
 # %% ../nbs/20_train.ipynb #07f7bb1a
-def slice_metrics(pipe:Pipeline, df:pd.DataFrame, contract:dict, slices=(), min_rows:int=30, top:int=10)->dict:
+def slice_metrics(pipe:Pipeline, # a fitted pipeline
+                  df:pd.DataFrame, # data to score it on
+                  contract:dict, # its data contract
+                  slices=(), # columns to slice by (`[gate] slices`)
+                  min_rows:int=30, # values with fewer rows are left out
+                  top:int=10, # most frequent values per column
+                 )->dict:
     "Metrics per value of each slice column (values with at least `min_rows` rows, most frequent first)"
     res = {}
     for col in slices:
@@ -142,20 +199,26 @@ def slice_metrics(pipe:Pipeline, df:pd.DataFrame, contract:dict, slices=(), min_
         res[col] = {str(v): evaluate(pipe, df[vals == v], contract) for v, n in vals.value_counts().head(top).items() if n >= min_rows}
     return res
 
-def fit_baseline(df:pd.DataFrame, contract:dict)->Pipeline:
+# %% ../nbs/20_train.ipynb #70337651
+def fit_baseline(df:pd.DataFrame, # training data; rows without a label are left out
+                 contract:dict, # its data contract
+                )->Pipeline:
     "A trivial model: the class prior, or the mean"
-    df = df[df[contract['target']].notna()]
+    df = _labeled(df, contract)
     est = DummyClassifier(strategy='prior') if contract['task'] == 'classification' else DummyRegressor(strategy='mean')
     return Pipeline([('cast', ContractCaster(contract)), ('model', est)]).fit(df, df[contract['target']])
 
-# %% ../nbs/20_train.ipynb #aa73817e
-def _outputs(pipe, df, contract):
-    if contract['task'] == 'regression': return pipe.predict(df), None, None
-    return pipe.predict(df), pipe.predict_proba(df), list(pipe.classes_)
-
-def compare(new:Pipeline, old:Pipeline, df:pd.DataFrame, contract:dict, metric:str, n_boot:int=300, seed:int=0)->dict:
+# %% ../nbs/20_train.ipynb #be7ef73b
+def compare(new:Pipeline, # the candidate
+            old:Pipeline, # the model to compare with (the champion)
+            df:pd.DataFrame, # rows both are scored on (the golden holdout); rows without a label are left out
+            contract:dict, # the data contract
+            metric:str, # the metric compared
+            n_boot:int=300, # bootstrap draws
+            seed:int=0, # random seed of the draws
+           )->dict:
     "Paired bootstrap of `metric` (new minus old, oriented so positive is better) on the labeled rows of `df`"
-    df = df[df[contract['target']].notna()]
+    df = _labeled(df, contract)
     y, task = df[contract['target']].to_numpy(), contract['task']
     a, b = _outputs(new, df, contract), _outputs(old, df, contract)
     def m(out, idx):
