@@ -417,6 +417,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.routing.ShadowRunner.submit': ('routing.html#shadowrunner.submit', 'mlkit/routing.py'),
                                'mlkit.routing._p99': ('routing.html#_p99', 'mlkit/routing.py'),
                                'mlkit.routing.bucket': ('routing.html#bucket', 'mlkit/routing.py'),
+                               'mlkit.routing.entity_id': ('routing.html#entity_id', 'mlkit/routing.py'),
                                'mlkit.routing.routing_key': ('routing.html#routing_key', 'mlkit/routing.py')},
             'mlkit.runs': {'mlkit.runs.new_run_id': ('runs.html#new_run_id', 'mlkit/runs.py')},
             'mlkit.service': { 'mlkit.service.Gatekeeper': ('service.html#gatekeeper', 'mlkit/service.py'),
