@@ -22,7 +22,10 @@ class Check:
     "A rule a typed settings value must pass, and what an error says the value should be"
     test: Callable[[Any], bool] # the rule: True when the value is fine
     expect: str # what a value must be, e.g. 'a number between 0 and 1'
-    def __call__(self, v)->bool: return bool(self.test(v))
+    def __call__(self, v, # a typed settings value
+                )->bool:
+        "Whether `v` passes"
+        return bool(self.test(v))
 
 # %% ../nbs/01_config.ipynb #3ce5e89b
 @dataclass(frozen=True)
@@ -161,9 +164,12 @@ class Settings:
         return self.file.parent
 
     @property
-    def state_dir(self)->Path: return self.project.state_dir
+    def state_dir(self)->Path:
+        "The project's state folder (`[project] state_dir`, resolved)"
+        return self.project.state_dir
 
-    def path(self, p:str|Path)->Path:
+    def path(self, p:str|Path, # a path as written in settings.ini
+            )->Path:
         "Resolve `p` against the project's folder"
         p = Path(p).expanduser()
         return p if p.is_absolute() else (self.root/p).resolve()
@@ -205,7 +211,8 @@ def parse_value(text:str, # the raw value
 ENV_PREFIX = 'MLKIT_'
 _NOT_SETTINGS = {'MLKIT_SETTINGS', 'MLKIT_API_TOKEN', 'MLKIT_ADMIN_TOKEN'}
 
-def find_settings(start:str|Path|None=None)->Path:
+def find_settings(start:str|Path|None=None, # folder to look upward from (default: the working folder, or $MLKIT_SETTINGS)
+                 )->Path:
     "The settings.ini mlkit would use from `start` (default: the working folder)"
     if os.environ.get('MLKIT_SETTINGS') and start is None:
         p = Path(os.environ['MLKIT_SETTINGS']).expanduser()
@@ -310,7 +317,8 @@ def load_settings(path:str|Path|None=None, # settings.ini to read; default: see 
     return Settings(**values, file=path, sources=sources)
 
 # %% ../nbs/01_config.ipynb #6e76f0e1
-def describe(settings:Settings)->list[dict]:
+def describe(settings:Settings, # effective settings (see `load_settings`)
+            )->list[dict]:
     "One row per key: section, key, effective value, where it came from, and what it means"
     rows = []
     for sec, cls in SECTIONS.items():

@@ -182,7 +182,10 @@ class Router:
         "Whether the challenger also predicts every request, for the log only"
         return self.mode == 'shadow'
 
-    def observe(self, variant:str, ok:bool, latency_ms:float)->None:
+    def observe(self, variant:str, # 'champion' or 'challenger': who answered
+                ok:bool, # False when the answer failed
+                latency_ms:float, # how long the answer took
+               )->None:
         "Report how an answer went (feeds the canary; a no-op in other modes)"
         if self.canary is not None: self.canary.observe(variant, ok, latency_ms)
 
@@ -215,7 +218,8 @@ class ShadowRunner:
         self._waiting += 1
         return True
 
-    def submit(self, fn, *args, **kwargs)->bool:
+    def submit(self, fn, # called on the worker thread as fn(*args, **kwargs)
+               *args, **kwargs)->bool:
         "Queue `fn(*args, **kwargs)` and return at once: True if queued, False if dropped (queue full or closed)"
         with self._lock:
             if not self._accept(): return False
@@ -224,7 +228,8 @@ class ShadowRunner:
 
     def gather(self, key, # work under one key goes to one call
                fn, # called as fn(items) on the worker
-               item)->bool:
+               item, # one piece of work: one element of `items`
+              )->bool:
         "Queue `item` for `fn(items)`, joining the call for `key` if it has not started yet; True if queued, False if dropped"
         with self._lock:
             if not self._accept(): return False

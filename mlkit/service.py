@@ -135,9 +135,13 @@ class Variant:
     metadata: dict # the stored metadata: contract, metrics, data fingerprint, ...
 
     @property
-    def contract(self)->dict: return self.metadata['contract']
+    def contract(self)->dict:
+        "The data contract the model was trained under"
+        return self.metadata['contract']
     @property
-    def task(self)->str: return self.contract['task']
+    def task(self)->str:
+        "classification or regression"
+        return self.contract['task']
 
     def describe(self)->dict:
         "Tag, holdout metrics, data fingerprint, training time, run and features: for GET /metadata"
@@ -440,7 +444,8 @@ class ReloadWatcher:
             try: self.check()
             except Exception as e: print(f"mlkit: reload failed, still serving the models loaded before: {e}", flush=True)
 
-    def stop(self, timeout:float=5.0)->None:
+    def stop(self, timeout:float=5.0, # longest wait for the thread, in seconds
+            )->None:
         "Stop looking at the stamp"
         self._stop.set()
         if self._thread is not None: self._thread.join(timeout)
@@ -456,7 +461,9 @@ def settle_heap()->int:
 # %% ../nbs/50_service.ipynb #e5fab3c8
 class RequestTimeout:
     "ASGI middleware: a 504 answer when the app has not started answering in `timeout` seconds; its timer ends with the answer"
-    def __init__(self, app, timeout:float): self.app, self.timeout = app, timeout
+    def __init__(self, app, # the ASGI app it times (BentoML's)
+                 timeout:float, # seconds until the answer must have started (`traffic.timeout`)
+                ): self.app, self.timeout = app, timeout
 
     async def __call__(self, scope, receive, send):
         if scope['type'] not in ('http', 'websocket'): return await self.app(scope, receive, send)
