@@ -7,8 +7,11 @@ from __future__ import annotations
 import json, os, re, subprocess, sys
 from pathlib import Path
 
+import mlkit
 from .config import Settings
 from .errors import BuildError
+from .service import serving_refs
+from .store import store_home
 
 # %% auto #0
 __all__ = ['SERVICE', 'SERVING_PACKAGES', 'source_root', 'context_dir', 'service_env', 'bentoml_bin', 'serve_command',
@@ -20,38 +23,48 @@ SERVICE = 'bentos.mlkit_service.service:MlkitService'
 SERVING_PACKAGES = ['bentoml', 'scikit-learn', 'scipy', 'numpy', 'pandas', 'pyarrow', 'skops', 'joblib', 'threadpoolctl',
                     'sqlalchemy', 'psycopg', 'psycopg-binary', 'fastcore', 'starlette']
 
-def source_root(settings:Settings)->Path:
+def source_root(settings:Settings, # the project's settings
+               )->Path:
     "The folder holding `bentos/mlkit_service/`: the project's, else the one next to the mlkit sources"
-    import mlkit
     for d in (settings.root, Path(mlkit.__file__).resolve().parents[1]):
         if (d/'bentos'/'mlkit_service'/'service.py').is_file(): return d
     raise BuildError(f"bentos/mlkit_service/service.py not found in {settings.root}")
 
-def context_dir(settings:Settings)->Path:
+# %% ../nbs/53_bento.ipynb #11a7c893
+def context_dir(settings:Settings, # the project's settings
+               )->Path:
     "The service's BentoML build context folder"
     return source_root(settings)/'bentos'/'mlkit_service'
 
-def service_env(settings:Settings, **overrides)->dict:
+# %% ../nbs/53_bento.ipynb #8cedc6e6
+def service_env(settings:Settings, # the project's settings
+                **overrides, # more variables (None values are left out), e.g. MLKIT_SERVE_WORKERS=1
+               )->dict:
     "Environment for `bentoml` commands on this project: its model store, its settings, no usage tracking"
-    from mlkit.store import store_home
     env = {**os.environ, 'BENTOML_HOME': str(store_home(settings)), 'MLKIT_SETTINGS': str(settings.file),
            'BENTOML_DO_NOT_TRACK': 'True', 'PYTHONPATH': os.pathsep.join([str(source_root(settings)), os.environ.get('PYTHONPATH', '')]).rstrip(os.pathsep)}
     env.update({k: str(v) for k, v in overrides.items() if v is not None})
     return env
 
+# %% ../nbs/53_bento.ipynb #13ec267e
 def bentoml_bin()->str:
     "The `bentoml` command of this environment"
     p = Path(sys.executable).parent/'bentoml'
     return str(p) if p.exists() else 'bentoml'
 
 # %% ../nbs/53_bento.ipynb #9cb3bba5
-def serve_command(settings:Settings, port:int|None=None, host:str|None=None)->list[str]:
+def serve_command(settings:Settings, # the project's settings
+                  port:int|None=None, # default `[serve] port`
+                  host:str|None=None, # default `[serve] host`
+                 )->list[str]:
     "The `bentoml serve` command line for the project's service"
     s = settings.serve
     return [bentoml_bin(), 'serve', SERVICE, '--host', host or s.host, '--port', str(port or s.port), '--working-dir', str(source_root(settings))]
 
 # %% ../nbs/53_bento.ipynb #24d2b15c
-def pinned_requirements(constraints:Path, packages:list[str]=SERVING_PACKAGES)->str:
+def pinned_requirements(constraints:Path, # a pip constraints file (`name==version` lines)
+                        packages:list[str]=SERVING_PACKAGES, # the packages to pin
+                       )->str:
     "requirements.txt text pinning `packages` to their versions in `constraints`"
     pins = {}
     for line in constraints.read_text().splitlines():
@@ -62,15 +75,16 @@ def pinned_requirements(constraints:Path, packages:list[str]=SERVING_PACKAGES)->
     return ''.join(f"{pins[p][0]}=={pins[p][1]}\n" for p in packages)
 
 # %% ../nbs/53_bento.ipynb #f9150768
-def write_serving_refs(settings:Settings)->dict:
+def write_serving_refs(settings:Settings, # the project's settings
+                      )->dict:
     "Write `serving.json` (champion and challenger tags) into the build context; return it"
-    from mlkit.service import serving_refs
     refs = serving_refs(settings)
     if not refs: raise BuildError(f"no champion in the registry of {settings.state_dir}: run `mlkit retrain` first")
     out = dict(champion=refs['champion'][0], challenger=refs['challenger'][0] if refs.get('challenger') else None)
     (context_dir(settings)/'serving.json').write_text(json.dumps(out, indent=2) + '\n')
     return out
 
+# %% ../nbs/53_bento.ipynb #0e1e5087
 def build(settings:Settings, # the project's settings
           export:bool=True, # also export the archive into bentos/
          )->dict:

@@ -7,28 +7,52 @@ from __future__ import annotations
 import configparser, difflib, math, os, re
 from dataclasses import dataclass, field, fields, MISSING
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Callable, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 from .errors import SettingsError
 
 # %% auto #0
-__all__ = ['SECTIONS', 'ENV_PREFIX', 'key', 'ProjectSettings', 'DataSettings', 'TrainSettings', 'GateSettings', 'ServeSettings',
-           'MonitorSettings', 'ScheduleSettings', 'Settings', 'parse_value', 'find_settings', 'load_settings',
-           'describe']
+__all__ = ['SECTIONS', 'ENV_PREFIX', 'Check', 'Rule', 'key', 'ProjectSettings', 'DataSettings', 'TrainSettings', 'GateSettings',
+           'ServeSettings', 'MonitorSettings', 'ScheduleSettings', 'Settings', 'parse_value', 'find_settings',
+           'load_settings', 'describe']
 
 # %% ../nbs/01_config.ipynb #1d84eca3
+@dataclass(frozen=True)
+class Check:
+    "A rule a typed settings value must pass, and what an error says the value should be"
+    test: Callable[[Any], bool] # the rule: True when the value is fine
+    expect: str # what a value must be, e.g. 'a number between 0 and 1'
+    def __call__(self, v, # a typed settings value
+                )->bool:
+        "Whether `v` passes"
+        return bool(self.test(v))
+
+# %% ../nbs/01_config.ipynb #3ce5e89b
+@dataclass(frozen=True)
+class Rule:
+    "A rule between keys of one section: where `when(section)` holds, the value of `key` must pass `check`"
+    key: str # the key an error names
+    check: Check # the rule for that key's value, and its words
+    when: Callable[[Any], bool] # the section's typed settings -> whether the rule applies
+
+# %% ../nbs/01_config.ipynb #7498a6ba
 def key(default:Any=MISSING, # value used when the key is absent; none makes the key required
         doc:str='', # what the key means, shown by `mlkit config --explain`
-        check:Callable|None=None, # extra rule the typed value must pass
-        expect:str='', # how to describe that rule in an error
+        check:Check|None=None, # extra rule the typed value must pass (it carries its own error words)
        ):
     "Declare a settings key of a section dataclass"
-    return field(default=default, metadata=dict(doc=doc, check=check, expect=expect))
+    return field(default=default, metadata=dict(doc=doc, check=check))
 
-def _share(v): return 0 <= v <= 1
-def _positive(v): return v > 0
-def _fraction(v): return 0 < v < 1
-def _nonneg(v): return v >= 0
+# %% ../nbs/01_config.ipynb #15d08a3b
+def _above_zero(v): return v > 0
+_share = Check(lambda v: 0 <= v <= 1, 'a number between 0 and 1')
+_fraction = Check(lambda v: 0 < v < 1, 'a number between 0 and 1 (exclusive)')
+_positive = Check(_above_zero, 'a positive number')
+_count = Check(_above_zero, 'a positive integer')
+_seconds = Check(_above_zero, 'a positive number of seconds')
+_nonneg = Check(lambda v: v >= 0, 'zero or a positive number')
+_port = Check(lambda v: 0 < v < 65536, 'a port number (1-65535)')
+_canary_share = Check(_above_zero, 'a number above 0 in canary mode (at 0 the challenger never gets a request to judge)')
 
 # %% ../nbs/01_config.ipynb #d45541d3
 @dataclass(frozen=True)
@@ -53,57 +77,60 @@ class TrainSettings:
     "`[train]`: how the retraining job fits a model"
     model: str = key('hist_gradient_boosting', "estimator at the end of the pipeline (see `mlkit.train`)")
     seed: int = key(42, "random seed for splits and estimators: same data and seed give the same metrics")
-    test_size: float = key(0.2, "share of rows held out for evaluation", _fraction, "a number between 0 and 1 (exclusive)")
-    timeout_s: int = key(1800, "a retraining run that takes longer is stopped", _positive, "a positive number of seconds")
+    test_size: float = key(0.2, "share of rows held out for evaluation", _fraction)
+    timeout_s: int = key(1800, "a retraining run that takes longer is stopped", _seconds)
 
 @dataclass(frozen=True)
 class GateSettings:
     "`[gate]`: what a new model must pass before it becomes champion"
     primary_metric: str = key('roc_auc', "metric that decides promotion (roc_auc, accuracy, f1, log_loss, rmse, mae, r2)")
-    tolerance: float = key(0.01, "largest allowed drop of the primary metric versus the champion on the golden holdout", _share, "a number between 0 and 1")
-    baseline_margin: float = key(0.02, "how much the model must beat a trivial baseline by", _share, "a number between 0 and 1")
-    max_label_shift: float = key(0.10, "largest allowed change of the label distribution (total variation)", _share, "a number between 0 and 1")
-    max_feature_psi: float = key(0.25, "largest allowed PSI of any feature versus the champion's training data", _positive, "a positive number")
-    max_duplicate_rate: float = key(0.05, "largest allowed share of duplicated rows", _share, "a number between 0 and 1")
-    max_out_of_contract: float = key(0.01, "largest allowed share of rows breaking the data contract", _share, "a number between 0 and 1")
-    max_label_noise_increase: float = key(0.05, "largest allowed rise of the estimated label-noise share over the champion's", _share, "a number between 0 and 1")
+    tolerance: float = key(0.01, "largest allowed drop of the primary metric versus the champion on the golden holdout", _share)
+    baseline_margin: float = key(0.02, "how much the model must beat a trivial baseline by", _share)
+    max_label_shift: float = key(0.10, "largest allowed change of the label distribution (total variation)", _share)
+    max_feature_psi: float = key(0.25, "largest allowed PSI of any feature versus the champion's training data", _positive)
+    max_duplicate_rate: float = key(0.05, "largest allowed share of duplicated rows", _share)
+    max_out_of_contract: float = key(0.01, "largest allowed share of rows breaking the data contract", _share)
+    max_label_noise_increase: float = key(0.05, "largest allowed rise of the estimated label-noise share over the champion's", _share)
     slices: list[str] = key((), "columns whose values get their own metrics (comma-separated)")
 
 @dataclass(frozen=True)
 class ServeSettings:
     "`[serve]`: the BentoML service"
     mode: Literal['champion', 'ab', 'canary', 'shadow'] = key('champion', "how traffic is routed between champion and challenger")
-    challenger_share: float = key(0.1, "share of traffic sent to the challenger in `ab` mode (start share in `canary`)", _share, "a number between 0 and 1")
+    challenger_share: float = key(0.1, "share of traffic sent to the challenger in `ab` mode (start share in `canary`)", _share)
     entity_field: str = key('', "request field that keeps one entity on one variant ('' = the data's id column)")
     host: str = key('127.0.0.1', "address the service listens on")
-    port: int = key(3000, "port the service listens on", lambda v: 0 < v < 65536, "a port number (1-65535)")
-    workers: int = key(2, "BentoML worker processes", _positive, "a positive integer")
-    max_batch_size: int = key(64, "largest adaptive batch", _positive, "a positive integer")
-    max_latency_ms: int = key(1000, "adaptive batching latency budget", _positive, "a positive integer")
-    max_body_mb: float = key(8.0, "largest accepted request body", _positive, "a positive number")
-    max_records: int = key(1000, "most records accepted in one /predict request", _positive, "a positive integer")
+    port: int = key(3000, "port the service listens on", _port)
+    workers: int = key(2, "BentoML worker processes", _count)
+    max_batch_size: int = key(64, "largest adaptive batch", _count)
+    max_latency_ms: int = key(1000, "adaptive batching latency budget", _count)
+    max_body_mb: float = key(8.0, "largest accepted request body", _positive)
+    max_records: int = key(1000, "most records accepted in one /predict request (and items in one /feedback request)", _count)
     unknown_category: Literal['accept', 'reject'] = key('accept', "a category the model never saw: `accept` (encoded as unknown, reported) or `reject` (422)")
-    threads: int = key(1, "BLAS/OpenMP threads per worker (more threads per worker collapse throughput on small machines)", _positive, "a positive integer")
+    threads: int = key(1, "BLAS/OpenMP threads per worker (more threads per worker collapse throughput on small machines)", _count)
     access_log: bool = key(False, "BentoML's per-request access log (costs throughput)")
     tracing: bool = key(False, "OpenTelemetry spans for each request (BentoML's tracing: useful with an exporter in the BentoML configuration; costs throughput)")
-    canary_step: float = key(0.1, "how much the canary share rises at each healthy step", _share, "a number between 0 and 1")
-    canary_max_share: float = key(0.5, "the canary share never rises above this", _share, "a number between 0 and 1")
-    canary_min_requests: int = key(200, "challenger requests between two canary decisions", _positive, "a positive integer")
-    canary_max_error_rate: float = key(0.02, "challenger error rate above which the canary falls back to 0", _share, "a number between 0 and 1")
-    canary_max_latency_ratio: float = key(1.5, "challenger p99 latency / champion p99 above which the canary falls back to 0", _positive, "a positive number")
+    canary_step: float = key(0.1, "how much the canary share rises at each healthy step", _share)
+    canary_max_share: float = key(0.5, "the canary share never rises above this", _share)
+    canary_min_requests: int = key(200, "challenger requests between two canary decisions", _count)
+    canary_max_error_rate: float = key(0.02, "challenger error rate above which the canary falls back to 0", _share)
+    canary_max_latency_ratio: float = key(1.5, "challenger p99 latency / champion p99 above which the canary falls back to 0", _positive)
     log_url: str = key('', "SQLAlchemy URL of the prediction log ('' = SQLite file in the state folder)")
-    log_batch_size: int = key(500, "prediction log rows written per batch", _positive, "a positive integer")
-    log_flush_ms: int = key(200, "longest a logged prediction waits before it is written", _positive, "a positive integer")
+    log_batch_size: int = key(500, "prediction log rows written per batch", _count)
+    log_flush_ms: int = key(200, "longest a logged prediction waits before it is written", _count)
+    # a canary that starts (or is capped) at 0 never routes a request to the challenger, so it can never be judged
+    rules: ClassVar[tuple[Rule, ...]] = (Rule('challenger_share', _canary_share, lambda s: s.mode == 'canary'),
+                                         Rule('canary_max_share', _canary_share, lambda s: s.mode == 'canary'))
 
 @dataclass(frozen=True)
 class MonitorSettings:
     "`[monitor]`: what the monitoring job calls drift, decay and staleness"
-    psi_warn: float = key(0.1, "PSI at which a feature is reported as drifting", _positive, "a positive number")
-    psi_alert: float = key(0.25, "PSI at which drift calls for a retrain", _positive, "a positive number")
-    p_value: float = key(0.01, "significance level of the drift tests", _fraction, "a number between 0 and 1 (exclusive)")
-    quality_drop: float = key(0.05, "drop of the primary metric on labeled traffic that calls for a retrain", _share, "a number between 0 and 1")
-    max_model_age_days: int = key(30, "a champion older than this is stale", _positive, "a positive integer")
-    max_data_age_days: int = key(60, "training data older than this is stale", _positive, "a positive integer")
+    psi_warn: float = key(0.1, "PSI at which a feature is reported as drifting", _positive)
+    psi_alert: float = key(0.25, "PSI at which drift calls for a retrain", _positive)
+    p_value: float = key(0.01, "significance level of the drift tests", _fraction)
+    quality_drop: float = key(0.05, "drop of the primary metric on labeled traffic that calls for a retrain", _share)
+    max_model_age_days: int = key(30, "a champion older than this is stale", _count)
+    max_data_age_days: int = key(60, "training data older than this is stale", _count)
     auto_retrain: bool = key(False, "start the guarded retraining job when the verdict is `retrain`")
 
 @dataclass(frozen=True)
@@ -111,8 +138,8 @@ class ScheduleSettings:
     "`[schedule]`: when jobs run, and the guard against retraining too often"
     retrain: str = key('0 3 * * 1', "cron expression of the scheduled retraining job")
     monitor: str = key('0 * * * *', "cron expression of the monitoring job")
-    min_retrain_interval_hours: float = key(6.0, "automatic retrains closer together than this are refused", _nonneg, "zero or a positive number")
-    max_retrains_per_day: int = key(4, "automatic retrains past this count in 24 hours are refused", _positive, "a positive integer")
+    min_retrain_interval_hours: float = key(6.0, "automatic retrains closer together than this are refused", _nonneg)
+    max_retrains_per_day: int = key(4, "automatic retrains past this count in 24 hours are refused", _count)
 
 # %% ../nbs/01_config.ipynb #1c7928bd
 SECTIONS = dict(project=ProjectSettings, data=DataSettings, train=TrainSettings, gate=GateSettings,
@@ -137,9 +164,12 @@ class Settings:
         return self.file.parent
 
     @property
-    def state_dir(self)->Path: return self.project.state_dir
+    def state_dir(self)->Path:
+        "The project's state folder (`[project] state_dir`, resolved)"
+        return self.project.state_dir
 
-    def path(self, p:str|Path)->Path:
+    def path(self, p:str|Path, # a path as written in settings.ini
+            )->Path:
         "Resolve `p` against the project's folder"
         p = Path(p).expanduser()
         return p if p.is_absolute() else (self.root/p).resolve()
@@ -181,7 +211,8 @@ def parse_value(text:str, # the raw value
 ENV_PREFIX = 'MLKIT_'
 _NOT_SETTINGS = {'MLKIT_SETTINGS', 'MLKIT_API_TOKEN', 'MLKIT_ADMIN_TOKEN'}
 
-def find_settings(start:str|Path|None=None)->Path:
+def find_settings(start:str|Path|None=None, # folder to look upward from (default: the working folder, or $MLKIT_SETTINGS)
+                 )->Path:
     "The settings.ini mlkit would use from `start` (default: the working folder)"
     if os.environ.get('MLKIT_SETTINGS') and start is None:
         p = Path(os.environ['MLKIT_SETTINGS']).expanduser()
@@ -249,7 +280,7 @@ def load_settings(path:str|Path|None=None, # settings.ini to read; default: see 
             if k not in flds:
                 errors.append(f"{path} [{sec}] {k} ({where(sec, k)}): unknown key{_suggest(k, flds)}; "
                               f"keys of [{sec}]: {', '.join(flds)}")
-        kw = {}
+        kw, given = {}, {} # given: key -> (label, raw text) for messages
         for k, f in flds.items():
             var = f"{ENV_PREFIX}{sec}_{k}".upper()
             if var in env: raw, src, label = env[var], f"environment {var}", f"environment {var}={env[var]!r}"
@@ -257,19 +288,24 @@ def load_settings(path:str|Path|None=None, # settings.ini to read; default: see 
             elif f.default is not MISSING:
                 v = f.default
                 kw[k], sources[(sec, k)] = (path.parent/v).resolve() if isinstance(v, Path) else v, 'default'
+                given[k] = f"{path} [{sec}] {k} (default)", str(v)
                 continue
             else:
                 errors.append(f"{path} [{sec}]: missing key '{k}' ({f.metadata['doc']}; expected {_type_name(hints[k])})")
                 continue
             try:
                 v = parse_value(raw, hints[k])
-                if f.metadata['check'] and not f.metadata['check'](v): raise ValueError(f"expected {f.metadata['expect']}, got {raw.strip()!r}")
+                if (check := f.metadata['check']) and not check(v): raise ValueError(f"expected {check.expect}, got {raw.strip()!r}")
             except ValueError as e:
                 errors.append(f"{label}: {e}")
                 continue
             if hints[k] is Path and not v.is_absolute(): v = (path.parent/v).resolve()
-            kw[k], sources[(sec, k)] = v, src
-        values[sec] = kw
+            kw[k], sources[(sec, k)], given[k] = v, src, (label, raw.strip())
+        if len(kw) < len(flds): continue  # its keys' own errors first
+        values[sec] = obj = cls(**kw)
+        for r in getattr(cls, 'rules', ()):
+            if r.when(obj) and not r.check(getattr(obj, r.key)):
+                errors.append(f"{given[r.key][0]}: expected {r.check.expect}, got {given[r.key][1]!r}")
     for var in env:
         parts = var.split('_', 2)
         if var.startswith(ENV_PREFIX) and var not in _NOT_SETTINGS and len(parts) == 3 and parts[1].lower() in SECTIONS:
@@ -278,10 +314,11 @@ def load_settings(path:str|Path|None=None, # settings.ini to read; default: see 
                 errors.append(f"environment {var}: no key '{k}' in [{sec}]{_suggest(k, [f.name for f in fields(SECTIONS[sec])])}")
     if errors:
         raise SettingsError(f"{len(errors)} problem{'s' if len(errors) > 1 else ''} in settings:\n  " + '\n  '.join(errors))
-    return Settings(**{sec: cls(**values[sec]) for sec, cls in SECTIONS.items()}, file=path, sources=sources)
+    return Settings(**values, file=path, sources=sources)
 
 # %% ../nbs/01_config.ipynb #6e76f0e1
-def describe(settings:Settings)->list[dict]:
+def describe(settings:Settings, # effective settings (see `load_settings`)
+            )->list[dict]:
     "One row per key: section, key, effective value, where it came from, and what it means"
     rows = []
     for sec, cls in SECTIONS.items():

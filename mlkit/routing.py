@@ -6,8 +6,10 @@
 from __future__ import annotations
 import hashlib, logging, math, queue, threading, time
 
+from .errors import RoutingError
+
 # %% auto #0
-__all__ = ['MODES', 'bucket', 'routing_key', 'Canary', 'Router', 'ShadowRunner']
+__all__ = ['ENTITY_MAXLEN', 'MODES', 'bucket', 'entity_id', 'routing_key', 'Canary', 'Router', 'ShadowRunner']
 
 # %% ../nbs/52_routing.ipynb #f8a0b93a
 def bucket(key:str, # entity id (or request id); non-strings are converted with `str()`
@@ -17,14 +19,26 @@ def bucket(key:str, # entity id (or request id); non-strings are converted with 
     h = hashlib.blake2b(f"{salt}\x00{key}".encode('utf-8'), digest_size=8).digest()
     return int.from_bytes(h, 'big') / 2**64
 
+# %% ../nbs/52_routing.ipynb #5b75261b
+ENTITY_MAXLEN = 200 # longer entity ids are hashed: the prediction log's column holds 200 characters
+
+def entity_id(record:dict, # one request record
+              entity_field:str, # `[serve] entity_field` (or the data's id column); '' = none
+             )->str|None:
+    "The entity of a record as routing and the log use it: text without NUL, hashed past 200 characters; None when it has none"
+    v = record.get(entity_field) if entity_field else None
+    if v is None: return None
+    e = str(v).replace('\x00', '')
+    if not e: return None
+    return e if len(e) <= ENTITY_MAXLEN else 'sha256:' + hashlib.sha256(e.encode()).hexdigest()
+
+# %% ../nbs/52_routing.ipynb #71123ec5
 def routing_key(record:dict, # one request record
                 entity_field:str, # `[serve] entity_field` (or the data's id column); '' = none
                 request_id:str, # the request's id: the key when the record has no entity
                )->str:
-    "The key a request is routed by: its entity id when it has one, else its request id"
-    v = record.get(entity_field) if entity_field else None
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v == '': return str(request_id)
-    return str(v)
+    "The key a request is routed by: its entity id (`entity_id`) when it has one, else its request id"
+    return entity_id(record, entity_field) or str(request_id)
 
 # %% ../nbs/52_routing.ipynb #207bc65f
 def _p99(xs:list)->float:
@@ -41,11 +55,12 @@ class Canary:
                  max_error_rate:float, # a higher challenger error rate is a breach (`canary_max_error_rate`)
                  max_latency_ratio:float, # a higher challenger p99 / champion p99 is a breach (`canary_max_latency_ratio`)
                 ):
-        for name, v in dict(start=start, step=step, max_share=max_share, max_error_rate=max_error_rate).items():
-            if not 0 <= v <= 1: raise ValueError(f"canary {name} must be between 0 and 1, got {v!r}")
-        if min(start, max_share) <= 0: raise ValueError("canary start and max_share must be above 0: at 0 the challenger never gets a request to judge")
-        if min_requests < 1: raise ValueError(f"canary min_requests must be a positive integer, got {min_requests!r}")
-        if max_latency_ratio <= 0: raise ValueError(f"canary max_latency_ratio must be positive, got {max_latency_ratio!r}")
+        for setting, v in dict(challenger_share=start, canary_step=step, canary_max_share=max_share, canary_max_error_rate=max_error_rate).items():
+            if not 0 <= v <= 1: raise RoutingError(f"[serve] {setting} must be a number between 0 and 1, got {v!r}")
+        for setting, v in dict(challenger_share=start, canary_max_share=max_share).items():
+            if v <= 0: raise RoutingError(f"[serve] {setting} must be above 0 in canary mode (at 0 the challenger never gets a request to judge), got {v!r}")
+        if min_requests < 1: raise RoutingError(f"[serve] canary_min_requests must be a positive integer, got {min_requests!r}")
+        if max_latency_ratio <= 0: raise RoutingError(f"[serve] canary_max_latency_ratio must be a positive number, got {max_latency_ratio!r}")
         self.start, self.step, self.max_share = min(start, max_share), step, max_share
         self.min_requests, self.max_error_rate, self.max_latency_ratio = int(min_requests), max_error_rate, max_latency_ratio
         self._lock = threading.Lock()
@@ -82,7 +97,7 @@ class Canary:
                 latency_ms:float, # how long the answer took
                )->None:
         "Record one answered request; decide when the window is full"
-        if variant not in ('champion', 'challenger'): raise ValueError(f"variant must be 'champion' or 'challenger', got {variant!r}")
+        if variant not in ('champion', 'challenger'): raise RoutingError(f"variant must be 'champion' or 'challenger', got {variant!r}")
         with self._lock:
             if self._rolled_back: return
             self.observed += 1
@@ -133,9 +148,9 @@ class Router:
                  salt:str='', # mixed into every bucket: a new salt draws a new challenger group
                  canary:Canary|None=None, # the share's keeper in `canary` mode
                 ):
-        if mode not in MODES: raise ValueError(f"routing mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if not 0 <= share <= 1: raise ValueError(f"challenger share must be between 0 and 1, got {share!r}")
-        if mode == 'canary' and canary is None: raise ValueError("canary mode needs a Canary (see Router.from_settings)")
+        if mode not in MODES: raise RoutingError(f"[serve] mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not 0 <= share <= 1: raise RoutingError(f"[serve] challenger_share must be a number between 0 and 1, got {share!r}")
+        if mode == 'canary' and canary is None: raise RoutingError("[serve] mode = canary needs a Canary (see Router.from_settings)")
         self.mode, self._share, self.salt, self.canary = mode, share, salt, canary
 
     @classmethod
@@ -167,7 +182,10 @@ class Router:
         "Whether the challenger also predicts every request, for the log only"
         return self.mode == 'shadow'
 
-    def observe(self, variant:str, ok:bool, latency_ms:float)->None:
+    def observe(self, variant:str, # 'champion' or 'challenger': who answered
+                ok:bool, # False when the answer failed
+                latency_ms:float, # how long the answer took
+               )->None:
         "Report how an answer went (feeds the canary; a no-op in other modes)"
         if self.canary is not None: self.canary.observe(variant, ok, latency_ms)
 
@@ -183,7 +201,7 @@ class ShadowRunner:
                  name:str='mlkit-shadow', # the worker thread's name
                  linger:float=0.0, # seconds a gathered call waits for more items before it runs
                 ):
-        if maxsize < 1: raise ValueError(f"maxsize must be a positive integer, got {maxsize!r}")
+        if maxsize < 1: raise RoutingError(f"ShadowRunner maxsize must be a positive integer, got {maxsize!r}")
         self.maxsize, self.linger, self._q, self._lock, self._closed = maxsize, linger, queue.SimpleQueue(), threading.Lock(), False
         self._waiting = 0 # pieces of work queued and not started
         self._gathering = {} # key -> the items of a gathered call still in the queue
@@ -200,7 +218,8 @@ class ShadowRunner:
         self._waiting += 1
         return True
 
-    def submit(self, fn, *args, **kwargs)->bool:
+    def submit(self, fn, # called on the worker thread as fn(*args, **kwargs)
+               *args, **kwargs)->bool:
         "Queue `fn(*args, **kwargs)` and return at once: True if queued, False if dropped (queue full or closed)"
         with self._lock:
             if not self._accept(): return False
@@ -209,7 +228,8 @@ class ShadowRunner:
 
     def gather(self, key, # work under one key goes to one call
                fn, # called as fn(items) on the worker
-               item)->bool:
+               item, # one piece of work: one element of `items`
+              )->bool:
         "Queue `item` for `fn(items)`, joining the call for `key` if it has not started yet; True if queued, False if dropped"
         with self._lock:
             if not self._accept(): return False
@@ -267,4 +287,3 @@ class ShadowRunner:
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
-

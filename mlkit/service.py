@@ -4,10 +4,12 @@
 
 # %% ../nbs/50_service.ipynb #5d07ea86
 from __future__ import annotations
-import asyncio, gc, hashlib, hmac, json, math, os, time, uuid
+import asyncio, gc, hmac, json, math, os, threading, time, uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -15,11 +17,15 @@ import pandas as pd
 from .config import Settings
 from .contract import features
 from .errors import ServingError
+from .predlog import check_feedback
+from .registry import Registry
+from .routing import Router, entity_id, routing_key
+from .store import load_pipeline, load_stored, model_name
 
 # %% auto #0
-__all__ = ['OPEN_PATHS', 'check_record', 'validate_payload', 'record_notes', 'Variant', 'serving_refs', 'ServingState',
-           'predict_outputs', 'log_rows', 'predict_records', 'frame_to_records', 'bearer_ok', 'Gatekeeper',
-           'settle_heap', 'RequestTimeout', 'patch_bentoml_timeout']
+__all__ = ['OPEN_PATHS', 'check_record', 'validate_payload', 'validate_feedback', 'record_notes', 'Variant', 'serving_refs',
+           'ServingState', 'predict_outputs', 'log_rows', 'predict_records', 'frame_to_records', 'Outcomes',
+           'bearer_ok', 'Gatekeeper', 'ReloadWatcher', 'settle_heap', 'RequestTimeout', 'patch_bentoml_timeout']
 
 # %% ../nbs/50_service.ipynb #4913fafc
 def _problem(index, field_, rule, message): return dict(index=index, field=field_, rule=rule, message=message)
@@ -57,14 +63,27 @@ def check_record(index:int, # position of the record in the request
                 out.append(_problem(index, f, 'unknown_category', f"'{f}' = {str(v)[:50]!r} is not a known category ({', '.join(spec['categories'][:10])})"))
     return out
 
-def _entity(v)->str|None:
-    "The entity of a record as routing and the log use it: text without NUL, hashed past 200 characters; None when empty"
-    if v is None: return None
-    e = str(v).replace('\x00', '')
-    if not e: return None
-    return e if len(e) <= 200 else 'sha256:' + hashlib.sha256(e.encode()).hexdigest()
-
 # %% ../nbs/50_service.ipynb #725194bf
+def _body_list(payload, key:str, # the body's list: 'records' or 'items'
+               shape:str, # the body's shape, for the message
+               noun:str, # one element of the list, for the message
+               max_n:int, # most elements accepted
+              )->tuple[list|None, tuple[int, dict]|None]:
+    "The list under `key` of a JSON body, or the answer refusing a body that has none, an empty one or one too long"
+    if not isinstance(payload, dict) or key not in payload: return None, (400, dict(error=f'the body must be a JSON object {shape}', errors=[]))
+    xs = payload[key]
+    if not isinstance(xs, list): return None, (400, dict(error=f'"{key}" must be a list of objects', errors=[_problem(None, key, 'type', f"got {type(xs).__name__}")]))
+    if not xs: return None, (422, dict(error=f'"{key}" is empty: send at least one {noun}', errors=[_problem(None, key, 'empty', f'no {key}')]))
+    if len(xs) > max_n:
+        return None, (413, dict(error=f"{len(xs)} {key} in one request; the limit is {max_n} ([serve] max_records)",
+                                errors=[_problem(None, key, 'max_records', f"{len(xs)} > {max_n}")]))
+    return xs, None
+
+def _refusal(problems:list, noun:str, message, max_problems:int)->tuple[int, dict]:
+    "422 naming the first problems in one line and listing up to `max_problems`"
+    bad = len({p['index'] for p in problems})
+    return 422, dict(error=f"{bad} invalid {noun}{'s' if bad > 1 else ''}: " + '; '.join(map(message, problems[:3])), errors=problems[:max_problems])
+
 def validate_payload(payload, # the parsed JSON body
                      contract:dict, # the champion's data contract
                      unknown_category:str='accept', # accept or reject
@@ -72,26 +91,29 @@ def validate_payload(payload, # the parsed JSON body
                      max_problems:int=100, # problems listed in the answer
                     )->tuple[int, dict]|None:
     "None when `payload` is a valid prediction request, else (HTTP status, JSON body) naming each problem"
-    if not isinstance(payload, dict) or 'records' not in payload:
-        return 400, dict(error='the body must be a JSON object {"records": [ {feature: value, ...}, ... ]}', errors=[])
-    recs = payload['records']
-    if not isinstance(recs, list): return 400, dict(error='"records" must be a list of objects', errors=[_problem(None, 'records', 'type', f"got {type(recs).__name__}")])
-    if not recs: return 422, dict(error='"records" is empty: send at least one record', errors=[_problem(None, 'records', 'empty', 'no records')])
-    if len(recs) > max_records:
-        return 413, dict(error=f"{len(recs)} records in one request; the limit is {max_records} ([serve] max_records)",
-                         errors=[_problem(None, 'records', 'max_records', f"{len(recs)} > {max_records}")])
+    recs, bad = _body_list(payload, 'records', '{"records": [ {feature: value, ...}, ... ]}', 'record', max_records)
+    if bad: return bad
     problems = []
     for i, r in enumerate(recs):
         problems += check_record(i, r, contract, unknown_category)
         if len(problems) >= max_problems: break
-    if problems:
-        bad = len({p['index'] for p in problems})
-        return 422, dict(error=f"{bad} invalid record{'s' if bad > 1 else ''}: " + '; '.join(f"record {p['index']}: {p['message']}" for p in problems[:3]),
-                         errors=problems[:max_problems])
-    return None
+    return _refusal(problems, 'record', lambda p: f"record {p['index']}: {p['message']}", max_problems) if problems else None
+
+# %% ../nbs/50_service.ipynb #e17465e3
+def validate_feedback(payload, # the parsed JSON body
+                      max_items:int=1000, # most items in one request (`[serve] max_records`)
+                      max_problems:int=100, # problems listed in the answer
+                     )->tuple[int, dict]|None:
+    "None when `payload` is a valid feedback request, else (HTTP status, JSON body) naming each problem"
+    items, bad = _body_list(payload, 'items', '{"items": [{"request_id": ..., "label": ...}, ...]}', 'item', max_items)
+    if bad: return bad
+    _, problems = check_feedback(items)
+    return _refusal(problems, 'item', lambda p: p['message'], max_problems) if problems else None
 
 # %% ../nbs/50_service.ipynb #d5c80a4e
-def record_notes(rec:dict, contract:dict)->tuple[list[str], list[str]]:
+def record_notes(rec:dict, # a valid record
+                 contract:dict, # the champion's data contract
+                )->tuple[list[str], list[str]]:
     "Warnings and ignored fields of one valid record"
     cols, warn = contract['columns'], []
     for f in features(contract):
@@ -106,34 +128,39 @@ def record_notes(rec:dict, contract:dict)->tuple[list[str], list[str]]:
 # %% ../nbs/50_service.ipynb #cf3691cf
 @dataclass
 class Variant:
+    "One loaded model: the champion or the challenger, its pipeline and its stored metadata"
     name: str # champion or challenger
-    tag: str
-    pipeline: object
-    metadata: dict
+    tag: str # the model's tag in the store
+    pipeline: object # the fitted scikit-learn pipeline
+    metadata: dict # the stored metadata: contract, metrics, data fingerprint, ...
 
     @property
-    def contract(self)->dict: return self.metadata['contract']
+    def contract(self)->dict:
+        "The data contract the model was trained under"
+        return self.metadata['contract']
     @property
-    def task(self)->str: return self.contract['task']
+    def task(self)->str:
+        "classification or regression"
+        return self.contract['task']
 
     def describe(self)->dict:
+        "Tag, holdout metrics, data fingerprint, training time, run and features: for GET /metadata"
         m = self.metadata
         return dict(tag=self.tag, metrics=(m.get('metrics') or {}).get('holdout'), primary_metric=m.get('primary_metric'),
                     data_fingerprint=(m.get('data') or {}).get('content_sha256'), trained_at=m.get('trained_at'),
                     run_id=m.get('run_id'), features=m.get('features'))
 
-def serving_refs(settings:Settings)->dict:
+# %% ../nbs/50_service.ipynb #76bfaa29
+def serving_refs(settings:Settings, # the project's settings
+                )->dict:
     "Champion and newest challenger tags (and sha256s) from the project's registry; empty when it has no champion"
-    from mlkit.registry import Registry
-    from mlkit.store import model_name
     if not settings.project.registry_url and not (settings.state_dir/'registry.db').is_file(): return {}
     reg = Registry.from_settings(settings)
     try:
         name = model_name(settings)
-        if not reg.list_models(name): return {}
         champ = reg.champion(name)
         if not champ: return {}
-        chal = [m for m in reg.list_models(name) if m['stage'] == 'challenger' and m['created_at'] > champ['created_at']]
+        chal = [m for m in reg.list_models(name, stage='challenger') if m['created_at'] > champ['created_at']]
         chal = max(chal, key=lambda m: m['created_at']) if chal else None
         return dict(champion=(champ['tag'], champ['artifact_sha256']), challenger=(chal['tag'], chal['artifact_sha256']) if chal else None)
     finally: reg.close()
@@ -141,9 +168,10 @@ def serving_refs(settings:Settings)->dict:
 # %% ../nbs/50_service.ipynb #7e60a20a
 @dataclass
 class ServingState:
+    "Everything a worker serves with: the champion, the challenger when the routing mode uses one, and the router"
     champion: Variant
     challenger: Variant|None
-    router: object # mlkit.routing.Router
+    router: Router
     source: str # registry or bundled
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
@@ -152,8 +180,6 @@ class ServingState:
              bundled:dict|None=None, # {'champion': stored model, 'challenger': stored model|None} bundled in the bento
             )->ServingState:
         "Load the champion (and the challenger when the routing mode uses one)"
-        from mlkit.routing import Router
-        from mlkit.store import load_pipeline, load_stored
         need_challenger = settings.serve.mode != 'champion'
         refs, variants = serving_refs(settings), {}
         if refs:
@@ -175,6 +201,7 @@ class ServingState:
         return cls(variants['champion'], chal, router, source)
 
     def describe(self)->dict:
+        "Both variants, the routing, where the models came from and when: GET /metadata"
         return dict(champion=self.champion.describe(), challenger=self.challenger.describe() if self.challenger else None,
                     routing=self.router.describe(), source=self.source, loaded_at=self.loaded_at)
 
@@ -182,7 +209,10 @@ class ServingState:
 def _py(v):
     return v.item() if isinstance(v, np.generic) else v
 
-def predict_outputs(variant:Variant, X:pd.DataFrame)->tuple[list, list|None]:
+def predict_outputs(variant:Variant, # the model to call
+                    X:pd.DataFrame, # valid records as a table
+                   )->tuple[list, list|None]:
+    "Predictions of `variant` for `X`, and each row's class probabilities (None for a regressor)"
     p = variant.pipeline
     if variant.task == 'regression': return [float(v) for v in p.predict(X)], None
     proba = p.predict_proba(X)
@@ -190,7 +220,17 @@ def predict_outputs(variant:Variant, X:pd.DataFrame)->tuple[list, list|None]:
     pred = [classes[i] for i in proba.argmax(axis=1)]
     return pred, [{str(c): round(float(x), 6) for c, x in zip(classes, row)} for row in proba]
 
-def log_rows(variant:Variant, recs, ids, entities, preds, probas, latency_ms, shadow=False):
+# %% ../nbs/50_service.ipynb #e8dd126e
+def log_rows(variant:Variant, # the model that answered
+             recs:list[dict], # its records
+             ids:list[str], # their request ids
+             entities:list, # their entities (`mlkit.routing.entity_id`), None when they have none
+             preds:list, # its predictions
+             probas:list|None, # its class probabilities (None for a regressor)
+             latency_ms:float, # the model call's time
+             shadow:bool=False, # a shadow prediction: logged, never answered
+            )->list[dict]:
+    "The prediction-log rows of one model call: one per record, with the contract's features only"
     now = datetime.now(timezone.utc)
     feats = features(variant.contract)
     return [dict(request_id=i, ts=now, variant=variant.name, shadow=shadow, model_tag=variant.tag, entity=e,
@@ -203,12 +243,12 @@ def predict_records(state:ServingState, # what the worker serves
                     log=None, # a `mlkit.predlog.PredictionLog` (None: no logging)
                     entity_field:str='', # field that keeps an entity on one variant
                     shadow=None, # a `mlkit.routing.ShadowRunner` for shadow mode
-                    observe=None, # callback(variant, ok, latency_ms, n) for metrics
+                    observe=None, # callback(variant, ok, latency_ms, n) for metrics (see `Outcomes`)
                    )->list[dict]:
     "Answer each record: prediction, probabilities, model tag, variant, request id, notes"
     ids = [str(r.get('request_id') or uuid.uuid4().hex) for r in records]
-    entities = [_entity(r.get(entity_field)) if entity_field else None for r in records]
-    route = [state.router.route(e or i) if state.challenger else 'champion' for e, i in zip(entities, ids)]
+    entities = [entity_id(r, entity_field) for r in records]
+    route = [state.router.route(routing_key(r, entity_field, i)) for r, i in zip(records, ids)] if state.challenger else ['champion'] * len(records)
     answers, rows = [None] * len(records), []
     groups = {v: [k for k, r in enumerate(route) if r == v] for v in ('challenger', 'champion')}
     for name in ('challenger', 'champion'):
@@ -250,15 +290,44 @@ def _shadow_predict(variant, records, ids, entities, log, observe=None):
     if log is not None: log.log(log_rows(variant, records, ids, entities, preds, probas, ms, shadow=True))
 
 # %% ../nbs/50_service.ipynb #612c3c89
-def frame_to_records(df:pd.DataFrame)->list[dict]:
+def frame_to_records(df:pd.DataFrame, # a table of records
+                    )->list[dict]:
     "JSON-ready records of a table: missing values as None, timestamps as ISO text"
     out = df.astype(object).where(df.notna(), None)
     for c in out.columns:
         if pd.api.types.is_datetime64_any_dtype(df[c]): out[c] = [v.isoformat() if v is not None else None for v in out[c]]
     return out.to_dict('records')
 
+# %% ../nbs/50_service.ipynb #f0a519dd
+class Outcomes:
+    "The `observe` callback of `predict_records`: Prometheus metrics per variant, and the canary"
+    def __init__(self, get_state:Callable, # returns the worker's current `ServingState`
+                 predictions=None, # counter of answered predictions, labelled variant and model (e.g. `bentoml.metrics.Counter`)
+                 errors=None, # counter of failed predictions, labelled variant
+                 latency=None, # histogram of model seconds per call, labelled variant
+                ):
+        self.get_state, self.predictions, self.errors, self.latency = get_state, predictions, errors, latency
+
+    def __call__(self, variant:str, # 'champion' or 'challenger': who answered
+                 ok:bool, # False when the model call failed
+                 latency_ms:float, # the model call's time
+                 n:int, # records in the call
+                )->None:
+        "Count one model call of `n` records, and report each record to the canary"
+        state = self.get_state()
+        if ok:
+            if self.predictions is not None:
+                tag = (state.challenger if variant == 'challenger' and state.challenger else state.champion).tag
+                self.predictions.labels(variant=variant, model=tag).inc(n)
+            if self.latency is not None: self.latency.labels(variant=variant).observe(latency_ms / 1000)
+        elif self.errors is not None: self.errors.labels(variant=variant).inc(n)
+        if state.router.canary is not None:  # only the canary learns from outcomes
+            for _ in range(n): state.router.observe(variant, ok, latency_ms)
+
 # %% ../nbs/50_service.ipynb #f10d00fc
-def bearer_ok(header:str|None, token:str|None)->bool:
+def bearer_ok(header:str|None, # the request's Authorization header
+              token:str|None, # the token it must carry
+             )->bool:
     "Whether an Authorization header carries `token` (constant-time comparison)"
     if not token: return False
     given = (header or '').removeprefix('Bearer ').strip() if (header or '').startswith('Bearer ') else ''
@@ -275,9 +344,14 @@ async def _send_json(send, status:int, body:dict, headers:list|None=None):
 
 class Gatekeeper:
     "ASGI middleware: auth, body limits, JSON and contract validation, GET /metadata"
-    def __init__(self, app, get_state, # callable returning the worker's current `ServingState`
-                 max_body_mb:float=8.0, unknown_category:str='accept', max_records:int=1000,
-                 api_token:str|None=None, admin_token:str|None=None):
+    def __init__(self, app, # the ASGI app it guards (BentoML's)
+                 get_state:Callable, # returns the worker's current `ServingState` (None before it is loaded)
+                 max_body_mb:float=8.0, # largest body accepted (`[serve] max_body_mb`)
+                 unknown_category:str='accept', # `[serve] unknown_category`
+                 max_records:int=1000, # most records in one /predict, and items in one /feedback (`[serve] max_records`)
+                 api_token:str|None=None, # default `$MLKIT_API_TOKEN`; unset: no token needed
+                 admin_token:str|None=None, # default `$MLKIT_ADMIN_TOKEN`; unset: /admin is disabled
+                ):
         self.app, self.get_state = app, get_state
         self.max_body, self.unknown_category, self.max_records = int(max_body_mb * 1024 * 1024), unknown_category, max_records
         self.api_token = api_token if api_token is not None else os.environ.get('MLKIT_API_TOKEN')
@@ -316,8 +390,7 @@ class Gatekeeper:
                 if state is None: return await _send_json(send, 503, dict(error='no model loaded yet'))
                 bad = validate_payload(payload, state.champion.contract, self.unknown_category, self.max_records)
                 if bad: return await _send_json(send, *bad)
-            elif not isinstance(payload, dict) or not isinstance(payload.get('items'), list):
-                return await _send_json(send, 400, dict(error='the body must be {"items": [{"request_id": ..., "label": ...}, ...]}', errors=[]))
+            elif bad := validate_feedback(payload, self.max_records): return await _send_json(send, *bad)
         sent = False
         async def replay():
             nonlocal sent
@@ -325,6 +398,57 @@ class Gatekeeper:
             sent = True
             return dict(type='http.request', body=body, more_body=False)
         return await self.app(scope, replay, send)
+
+# %% ../nbs/50_service.ipynb #7d0e72e8
+class ReloadWatcher:
+    "Reloads a worker's models on demand, and when another worker did (a stamp file's time moved on); one reload at a time"
+    def __init__(self, stamp_path:str|Path, # file whose modification time announces a reload to every worker
+                 reload_fn:Callable, # loads and swaps in the models; its result is what `reload()` returns
+                 interval:float=0.5, # seconds between two looks at the stamp
+                ):
+        self.stamp, self.reload_fn, self.interval = Path(stamp_path), reload_fn, interval
+        self._lock, self._stop, self._thread = threading.Lock(), threading.Event(), None
+        self._seen = self._mtime()
+
+    def _mtime(self)->float:
+        try: return self.stamp.stat().st_mtime
+        except FileNotFoundError: return 0.0
+
+    def reload(self):
+        "Reload now, then touch the stamp so the other workers reload too; returns what `reload_fn` returned"
+        with self._lock:
+            res = self.reload_fn()
+            self.stamp.parent.mkdir(parents=True, exist_ok=True)
+            self.stamp.write_text(datetime.now(timezone.utc).isoformat())
+            self._seen = self._mtime()
+            return res
+
+    def check(self)->bool:
+        "Reload if the stamp moved on since this worker last reloaded; whether it did (a failed reload raises, and waits for the next stamp)"
+        if self._mtime() <= self._seen: return False
+        with self._lock:
+            m = self._mtime()
+            if m <= self._seen: return False  # this worker reloaded meanwhile
+            self._seen = m
+            self.reload_fn()
+            return True
+
+    def start(self)->ReloadWatcher:
+        "Look at the stamp every `interval` seconds on a daemon thread"
+        self._thread = threading.Thread(target=self._watch, daemon=True, name='mlkit-reload-watch')
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(self.interval):
+            try: self.check()
+            except Exception as e: print(f"mlkit: reload failed, still serving the models loaded before: {e}", flush=True)
+
+    def stop(self, timeout:float=5.0, # longest wait for the thread, in seconds
+            )->None:
+        "Stop looking at the stamp"
+        self._stop.set()
+        if self._thread is not None: self._thread.join(timeout)
 
 # %% ../nbs/50_service.ipynb #c3d8f1a6
 def settle_heap()->int:
@@ -334,11 +458,12 @@ def settle_heap()->int:
     gc.freeze()
     return gc.get_freeze_count()
 
-
 # %% ../nbs/50_service.ipynb #e5fab3c8
 class RequestTimeout:
     "ASGI middleware: a 504 answer when the app has not started answering in `timeout` seconds; its timer ends with the answer"
-    def __init__(self, app, timeout:float): self.app, self.timeout = app, timeout
+    def __init__(self, app, # the ASGI app it times (BentoML's)
+                 timeout:float, # seconds until the answer must have started (`traffic.timeout`)
+                ): self.app, self.timeout = app, timeout
 
     async def __call__(self, scope, receive, send):
         if scope['type'] not in ('http', 'websocket'): return await self.app(scope, receive, send)
@@ -357,8 +482,8 @@ class RequestTimeout:
         finally: timer.cancel()
         await task
 
+# %% ../nbs/50_service.ipynb #d14bfcd5
 def patch_bentoml_timeout():
     "Make BentoML's HTTP server use `RequestTimeout` for its `traffic.timeout` (call before the service's app is built)"
-    from bentoml._internal.server.http import traffic
+    from bentoml._internal.server.http import traffic  # on use: importing BentoML costs seconds
     traffic.TimeoutMiddleware = RequestTimeout
-

@@ -1,5 +1,5 @@
 "Traffic routing between champion and challenger: sticky, uniform buckets; the canary's ramp and rollbacks; shadow runs off the request path; thread safety"
-import hashlib, json, os, statistics, subprocess, sys, threading, time, uuid
+import hashlib, json, os, re, statistics, subprocess, sys, threading, time, uuid
 
 import numpy as np
 import pytest
@@ -7,7 +7,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 from scipy import stats
 
 from mlkit.config import ServeSettings
-from mlkit.routing import Canary, Router, ShadowRunner, bucket, routing_key
+from mlkit.errors import RoutingError, SettingsError
+from mlkit.routing import ENTITY_MAXLEN, Canary, Router, ShadowRunner, bucket, entity_id, routing_key
 
 N = 10_000
 SHAPES = {  # entity ids as they come: sequential integers are the hard case for a weak hash
@@ -56,9 +57,42 @@ def test_bucket_uniform(shape):
 def test_routing_key_entity_or_request_id():
     assert routing_key({'customer_id': 17}, 'customer_id', 'req-9') == '17'
     assert routing_key({'customer_id': '17'}, 'customer_id', 'req-9') == '17'  # JSON number or string: same entity
-    for rec in ({}, {'customer_id': None}, {'customer_id': float('nan')}, {'customer_id': ''}):
+    for rec in ({}, {'customer_id': None}, {'customer_id': ''}, {'customer_id': '\x00'}):
         assert routing_key(rec, 'customer_id', 'req-9') == 'req-9'
     assert routing_key({'customer_id': 17}, '', 'req-9') == 'req-9'
+
+
+def test_entity_id_is_what_the_log_can_store():
+    "Text without NUL, at most 200 characters (longer ids hashed, each to its own key); a NaN id is the text 'nan', as the service always had it"
+    assert entity_id({'c': 'a\x00b'}, 'c') == 'ab' == routing_key({'c': 'a\x00b'}, 'c', 'r')
+    assert entity_id({'c': float('nan')}, 'c') == 'nan'
+    assert entity_id({'c': 'x' * ENTITY_MAXLEN}, 'c') == 'x' * ENTITY_MAXLEN
+    long = [entity_id({'c': 'x' * n}, 'c') for n in (201, 202, 5000)]
+    assert all(e.startswith('sha256:') and len(e) <= ENTITY_MAXLEN for e in long) and len(set(long)) == 3
+    assert routing_key({'c': 'x' * 5000}, 'c', 'r') == long[2]  # routed by what is logged
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(v=st.one_of(st.none(), st.text(max_size=300), st.integers(), st.floats()), rid=st.text(min_size=1, max_size=20))
+def test_entity_id_property(v, rid):
+    e = entity_id({'c': v}, 'c')
+    assert e is None or (0 < len(e) <= ENTITY_MAXLEN and '\x00' not in e)
+    assert routing_key({'c': v}, 'c', rid) == (e if e is not None else rid)
+
+
+def test_routing_mistakes_name_the_setting():
+    cases = [(lambda: Router('blue-green'), '[serve] mode must be one of'),
+             (lambda: Router('ab', share=-0.1), '[serve] challenger_share must be a number between 0 and 1'),
+             (lambda: canary(start=0), '[serve] challenger_share must be above 0 in canary mode'),
+             (lambda: canary(max_share=0), '[serve] canary_max_share must be above 0 in canary mode'),
+             (lambda: canary(step=2), '[serve] canary_step must be a number between 0 and 1'),
+             (lambda: canary(max_error_rate=-1), '[serve] canary_max_error_rate must be a number between 0 and 1'),
+             (lambda: canary(min_requests=0), '[serve] canary_min_requests must be a positive integer'),
+             (lambda: canary(max_latency_ratio=0), '[serve] canary_max_latency_ratio must be a positive number'),
+             (lambda: Router.from_settings(ServeSettings(mode='canary', challenger_share=0.0)), '[serve] challenger_share must be above 0')]
+    for make, words in cases:
+        with pytest.raises(RoutingError, match=re.escape(words)) as e: make()
+        assert isinstance(e.value, SettingsError) and isinstance(e.value, ValueError)
 
 
 # ---------------------------------------------------------------- A/B

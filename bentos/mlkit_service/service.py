@@ -1,10 +1,12 @@
-"""mlkit's BentoML service. A thin class: the logic is `mlkit.service` (nbs/50_service.ipynb).
+"""mlkit's BentoML service. Wiring only: settings, metrics and the pieces of `mlkit.service` (nbs/50_service.ipynb),
+where the logic is tested: the gatekeeper (tokens, validation), predict_records, Outcomes (metrics, the canary) and
+the ReloadWatcher.
 
 Run it with `mlkit serve` (models from the project's registry and model store) or build it with `mlkit build`
 (models bundled in the bento). Endpoints: POST /predict, POST /feedback, GET /metadata, POST /admin/reload,
 BentoML's /livez, /readyz and /metrics.
 """
-import json, os, threading, time
+import json, os
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +19,7 @@ for _var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
 
 import bentoml
 from bentoml.validators import ContentType
-from starlette.responses import JSONResponse
+from threadpoolctl import threadpool_limits
 
 from mlkit import service as svc
 from mlkit.predlog import PredictionLog
@@ -28,6 +30,7 @@ svc.patch_bentoml_timeout()  # BentoML's own keeps every request's timer alive f
 HERE = Path(__file__).resolve().parent
 REFS = json.loads((HERE/'serving.json').read_text()) if (HERE/'serving.json').is_file() else {}
 CURRENT = {}  # the worker's ServingState, read by the gatekeeper middleware
+STAMP = SETTINGS.state_dir/'serving.stamp'  # touched by a reload: every worker reloads
 ENTITY = SERVE.entity_field or SETTINGS.data.id_column
 # in shadow mode the challenger's work waits this long for more requests, so they share one call: at concurrency 32
 # it cut the CPU shadow mode adds per request from about 70% to 10-25%; its rows reach the log that much later
@@ -50,81 +53,44 @@ class MlkitService:
     challenger_model = bentoml.models.BentoModel(REFS['challenger']) if REFS.get('challenger') else None
 
     def __init__(self):
-        from threadpoolctl import threadpool_limits
         self._limits = threadpool_limits(SERVE.threads)
         self._bundled = dict(champion=self.champion_model, challenger=self.challenger_model)
-        self.state = svc.ServingState.load(SETTINGS, bundled=self._bundled)
-        CURRENT['state'] = self.state
         self.log = PredictionLog.from_settings(SETTINGS)
         self.shadow = ShadowRunner(linger=SHADOW_LINGER_S)
-        self._stamp = SETTINGS.state_dir/'serving.stamp'
-        self._seen = self._stamp.stat().st_mtime if self._stamp.exists() else 0.0
-        self._reload_lock = threading.Lock()
-        threading.Thread(target=self._watch, daemon=True, name='mlkit-reload-watch').start()
-        svc.settle_heap()  # libraries and models loaded: full garbage collections now skip them
+        self.observe = svc.Outcomes(lambda: self.state, PREDICTIONS, ERRORS, LATENCY)
+        self.watcher = svc.ReloadWatcher(STAMP, self._load)
+        self._load()
+        self.watcher.start()
 
-    # --- the API ---------------------------------------------------------------------------------------------
+    def _load(self):
+        "The watcher's reload: load the models and swap them in with one reference swap (a request uses one state throughout)"
+        self.state = CURRENT['state'] = svc.ServingState.load(SETTINGS, bundled=self._bundled)
+        svc.settle_heap()  # libraries and models loaded: full garbage collections now skip them
+        return self.state
+
     # the media type is given: BentoML would otherwise derive it from the output's JSON schema for every answer
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SERVE.max_batch_size, max_latency_ms=SERVE.max_latency_ms)
     def predict(self, records: list[dict]) -> Annotated[list[dict], ContentType('application/json')]:
         "Predict each record: prediction, class probabilities, model tag, variant, request id, warnings, ignored fields"
-        return svc.predict_records(self.state, records, self.log, ENTITY, self.shadow, self._observe)
+        return svc.predict_records(self.state, records, self.log, ENTITY, self.shadow, self.observe)
 
     @bentoml.api
     def feedback(self, items: list[dict]) -> dict:
-        "Delayed labels: [{request_id, label}, ...], joined to the logged predictions"
-        problems = [dict(index=i, field=f, rule='required', message=f"item {i} needs '{f}'") for i, it in enumerate(items)
-                    for f in ('request_id', 'label') if not isinstance(it, dict) or it.get(f) is None]
-        problems += [dict(index=i, field='request_id', rule='type', message=f"item {i}: request_id must be a string")
-                     for i, it in enumerate(items) if isinstance(it, dict) and it.get('request_id') is not None and not isinstance(it['request_id'], str)]
-        if not items: problems.append(dict(index=None, field='items', rule='empty', message='no items'))
-        if problems: return JSONResponse(dict(error=f"{len(problems)} problems in the feedback", errors=problems[:100]), status_code=422)
+        "Delayed labels: [{request_id, label}, ...] (checked by the gatekeeper), joined to the logged predictions"
         res = self.log.feedback(items)
         return dict(joined=len(res['joined']), unknown=res['unknown'])
 
     @bentoml.api(route='/admin/reload')
     def reload(self) -> dict:
-        "Reload the champion and challenger (after a promotion or rollback); in-flight requests finish on the old ones"
-        state = self._reload()
-        self._stamp.parent.mkdir(parents=True, exist_ok=True)
-        self._stamp.write_text(state.loaded_at)  # the other workers notice and reload too
-        self._seen = self._stamp.stat().st_mtime
-        return state.describe()
-
-    # --- plumbing ----------------------------------------------------------------------------------------------
-    def _reload(self):
-        with self._reload_lock:
-            state = svc.ServingState.load(SETTINGS, bundled=self._bundled)
-            self.state = CURRENT['state'] = state  # one reference swap: a request uses one state throughout
-            svc.settle_heap()  # the new models too
-            return state
-
-    def _watch(self):
-        while True:
-            time.sleep(0.5)
-            try:
-                m = self._stamp.stat().st_mtime if self._stamp.exists() else 0.0
-                if m > self._seen:
-                    self._seen = m
-                    self._reload()
-            except Exception as e:  # keep serving the models already loaded
-                print(f"mlkit: reload failed, still serving {self.state.champion.tag}: {e}", flush=True)
-
-    def _observe(self, variant, ok, ms, n):
-        state = self.state
-        tag = (state.challenger if variant == 'challenger' and state.challenger else state.champion).tag
-        if ok:
-            PREDICTIONS.labels(variant=variant, model=tag).inc(n)
-            LATENCY.labels(variant=variant).observe(ms / 1000)
-        else: ERRORS.labels(variant=variant).inc(n)
-        if state.router.canary is not None:  # only the canary learns from outcomes
-            for _ in range(n): state.router.observe(variant, ok, ms)
+        "Reload the champion and challenger (after a promotion or rollback) in every worker; in-flight requests finish on the old ones"
+        return self.watcher.reload().describe()
 
     def __is_ready__(self) -> bool:
         return self.state is not None
 
     @bentoml.on_shutdown
     def close(self):
+        self.watcher.stop()
         self.shadow.close(wait=True)
         self.log.close()
 
