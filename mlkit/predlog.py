@@ -4,7 +4,7 @@
 
 # %% ../nbs/46_predlog.ipynb #200f5139
 from __future__ import annotations
-import atexit, logging, math, operator, os, threading, time
+import atexit, importlib, logging, sys, math, operator, os, threading, time
 from collections import deque
 from datetime import datetime
 from pathlib import Path
@@ -89,8 +89,10 @@ class PredictionLog:
     def _write(self): return write_transaction(self.engine)
     def _read(self): return self.engine.connect()
 
-    def __getattr__(self, name): # only for names not found: say which module adds a method defined elsewhere
-        if name in _ELSEWHERE: raise AttributeError(f"PredictionLog.{name} comes with {_ELSEWHERE[name]}: `import {_ELSEWHERE[name]}` first")
+    def __getattr__(self, name): # only for names not found: a method another module adds is loaded with that module
+        if name in _ELSEWHERE and _ELSEWHERE[name] not in sys.modules:
+            importlib.import_module(_ELSEWHERE[name])  # here, not at the top: that module imports this one
+            return getattr(self, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _at_exit(self): self.close(timeout=EXIT_TIMEOUT_S)

@@ -19,7 +19,7 @@ from .contract import features
 from .errors import ServingError
 from .predlog import check_feedback
 from .registry import Registry
-from .routing import Router, entity_id, routing_key
+from .routing import Router, entity_id
 from .store import load_pipeline, load_stored, model_name
 
 # %% auto #0
@@ -248,7 +248,7 @@ def predict_records(state:ServingState, # what the worker serves
     "Answer each record: prediction, probabilities, model tag, variant, request id, notes"
     ids = [str(r.get('request_id') or uuid.uuid4().hex) for r in records]
     entities = [entity_id(r, entity_field) for r in records]
-    route = [state.router.route(routing_key(r, entity_field, i)) for r, i in zip(records, ids)] if state.challenger else ['champion'] * len(records)
+    route = [state.router.route(e or i) for e, i in zip(entities, ids)] if state.challenger else ['champion'] * len(records)  # routing_key's rule, entities computed once
     answers, rows = [None] * len(records), []
     groups = {v: [k for k, r in enumerate(route) if r == v] for v in ('challenger', 'champion')}
     for name in ('challenger', 'champion'):

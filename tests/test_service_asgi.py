@@ -1,5 +1,5 @@
 "The BentoML service's ASGI app in process (`MlkitService.to_asgi()` with Starlette's TestClient): the middle test level"
-import importlib, json, os, sys
+import importlib.util, json, os, sys
 
 import pytest
 from starlette.testclient import TestClient
@@ -16,7 +16,7 @@ from mlkit.store import load_pipeline, store_home
 
 API, ADMIN = 'api-token-asgi-1', 'admin-token-asgi-2'
 H, ADMIN_H = {'Authorization': f'Bearer {API}'}, {'Authorization': f'Bearer {ADMIN}'}
-SERVICE_MODULE = 'bentos.mlkit_service.service'
+SERVICE_MODULE = 'mlkit_bento_service'  # the bento's service.py, loaded from its file (bentos/ is no package)
 
 
 @pytest.fixture(scope='module')
@@ -48,7 +48,9 @@ def service(project):
         mp.setenv('MLKIT_API_TOKEN', API)  # the gatekeeper reads the tokens when the app is built
         mp.setenv('MLKIT_ADMIN_TOKEN', ADMIN)
         for k in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'): mp.setenv(k, os.environ.get(k, '1'))  # the module sets them
-        mod = importlib.import_module(SERVICE_MODULE)
+        spec = importlib.util.spec_from_file_location(SERVICE_MODULE, ROOT/'bentos'/'mlkit_service'/'service.py')
+        mod = sys.modules[SERVICE_MODULE] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
         yield mod, mod.MlkitService.to_asgi()  # Starlette builds the middleware (the gatekeeper) at the first call: keep the env till the end
     sys.modules.pop(SERVICE_MODULE, None)
 
