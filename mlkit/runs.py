@@ -4,7 +4,7 @@
 
 # %% ../nbs/39_runs.ipynb #8703d90b
 from __future__ import annotations
-import contextlib, io, re, secrets, time
+import contextlib, io, json, re, secrets, time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,8 +20,8 @@ from .registry import Registry
 from .store import load_pipeline, model_name, use_store
 
 # %% auto #0
-__all__ = ['new_run_id', 'JobRun', 'load_champion', 'start', 'write_summary', 'succeed', 'refuse', 'one_line', 'record_failure',
-           'job_notebook', 'run_inline']
+__all__ = ['COUNTED_STATUSES', 'new_run_id', 'JobRun', 'load_champion', 'start', 'write_summary', 'succeed', 'refuse',
+           'begin_training', 'counted_starts', 'one_line', 'record_failure', 'job_notebook', 'run_inline']
 
 # %% ../nbs/39_runs.ipynb #dc84c81a
 def new_run_id(kind:str='retrain')->str:
@@ -107,6 +107,29 @@ def refuse(run:JobRun, reason:str, # why a guard said no
     write_summary(run)
     return run.summary
 
+# %% ../nbs/39_runs.ipynb #3be6fdc7
+def begin_training(run:JobRun, fingerprint:str='', # content sha256 of the data it trains on ('' = the summary's `data`)
+                  )->JobRun:
+    "Record in summary.json that the run starts to train: if it fails from now on, it counts for the rate limit"
+    run.summary['training_started_at'] = utcnow().isoformat()
+    run.summary['training_data'] = fingerprint or (run.summary.get('data') or {}).get('content_sha256', '')
+    write_summary(run)
+    return run
+
+# %% ../nbs/39_runs.ipynb #3160aaa2
+COUNTED_STATUSES = ('running', 'succeeded') # and `failed` with a data fingerprint: it failed after training began
+
+def counted_starts(registry:Registry, # the project's registry
+                   kind:str='retrain', # run kind
+                   since:datetime|None=None, # only runs started at or after this aware time (None = all)
+                   exclude:str='', # leave out this run id (the run asking)
+                   limit:int=10000, # newest runs looked at
+                  )->list[datetime]:
+    "Start times, oldest first, of the runs the rate limit counts: running, succeeded, or failed after training began"
+    return sorted(r['started_at'] for r in registry.list_runs(limit, kind)
+                  if r['id'] != exclude and (since is None or r['started_at'] >= since)
+                  and (r['status'] in COUNTED_STATUSES or (r['status'] == 'failed' and r['data_fingerprint'])))
+
 # %% ../nbs/39_runs.ipynb #da136588
 def one_line(error:BaseException)->str:
     "`Name: message` of an error, its first line, at most 500 characters: how a run records it"
@@ -121,15 +144,18 @@ def record_failure(settings:Settings, # the project's settings
                    params:dict|None=None, # the job's parameters (when the run never started)
                   )->dict|None:
     "Record `run_id` as failed and write its summary.json, unless it had ended already (refused, succeeded): then return its row untouched"
+    run_dir = settings.state_dir/'runs'/run_id
+    try: before = json.loads((run_dir/'summary.json').read_text())
+    except (OSError, ValueError): before = {}
+    trained = {k: before[k] for k in ('training_started_at', 'training_data') if before.get('training_data')}  # see `begin_training`
     with Registry.from_settings(settings) as reg:
         row = reg.get_run(run_id)
         if row is not None and row['status'] != 'running': return row
         if row is None: reg.start_run(run_id, kind, params or {})
-        reg.finish_run(run_id, 'failed', reason, notebook=str(notebook) if notebook else None)
-    run_dir = settings.state_dir/'runs'/run_id
+        reg.finish_run(run_id, 'failed', reason, notebook=str(notebook) if notebook else None, data_fingerprint=trained.get('training_data'))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir/'summary.json', dict(run_id=run_id, kind=kind, status='failed', reason=reason, notebook=str(notebook),
-                                           finished_at=utcnow().isoformat()))
+                                           finished_at=utcnow().isoformat(), **trained))
     return None
 
 # %% ../nbs/39_runs.ipynb #480d838d
