@@ -77,7 +77,7 @@ class MonitorError(MlkitError):
 
 # %% ../nbs/00_errors.ipynb #9d529c05
 class RetrainRefused(MlkitError):
-    "A guard refused to start a retraining run (rate limit)"
+    "A guard refused a retraining run before it trained (the rate limit, a target or task that differs from the champion's)"
     exit_code = 3
 
 class NotAvailableError(MlkitError):
