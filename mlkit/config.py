@@ -58,7 +58,7 @@ _canary_share = Check(_above_zero, 'a number above 0 in canary mode (at 0 the ch
 @dataclass(frozen=True)
 class ProjectSettings:
     "`[project]`: the project's name and where its runtime state lives"
-    name: str = key(doc="project name; prefixes model and service names")
+    name: str = key(doc="project name; prefixes model and service names (the model name keeps one target and task: a new one needs a new name)")
     state_dir: Path = key(Path('.mlkit'), "folder for the model store, registry, prediction log and runs (relative to settings.ini; keep it out of git)")
     registry_url: str = key('', "SQLAlchemy URL of the registry database ('' = SQLite file in the state folder)")
 
@@ -66,8 +66,8 @@ class ProjectSettings:
 class DataSettings:
     "`[data]`: the training data and what to predict"
     source: str = key(doc="CSV or Parquet path (relative to settings.ini), or `builtin:NAME` for a data set shipped with mlkit")
-    target: str = key(doc="column to predict")
-    task: Literal['classification', 'regression'] = key(doc="kind of problem")
+    target: str = key(doc="column to predict; once a model has a champion, a run with another target is refused: a new target needs a new [project] name")
+    task: Literal['classification', 'regression'] = key(doc="kind of problem; once a model has a champion, a run with another task is refused: a new task needs a new [project] name")
     id_column: str = key('', "entity id column, never used as a feature ('' for none)")
     timestamp_column: str = key('', "event time column, never used as a feature ('' for none)")
     golden_holdout: str = key('', "fixed evaluation set (path); '' carves one from the first accepted data set and freezes it")
@@ -138,8 +138,8 @@ class ScheduleSettings:
     "`[schedule]`: when jobs run, and the guard against retraining too often"
     retrain: str = key('0 3 * * 1', "cron expression of the scheduled retraining job")
     monitor: str = key('0 * * * *', "cron expression of the monitoring job")
-    min_retrain_interval_hours: float = key(6.0, "automatic retrains closer together than this are refused", _nonneg)
-    max_retrains_per_day: int = key(4, "automatic retrains past this count in 24 hours are refused", _count)
+    min_retrain_interval_hours: float = key(6.0, "scheduled and monitor-triggered retrains closer together than this are refused (the rate limit refuses only scheduled and monitor-triggered retrains; manual ones are counted, never refused; runs refused or failed before training do not count)", _nonneg)
+    max_retrains_per_day: int = key(4, "scheduled and monitor-triggered retrains past this count in 24 hours are refused (the rate limit refuses only scheduled and monitor-triggered retrains; manual ones are counted, never refused; runs refused or failed before training do not count)", _count)
 
 # %% ../nbs/01_config.ipynb #1c7928bd
 SECTIONS = dict(project=ProjectSettings, data=DataSettings, train=TrainSettings, gate=GateSettings,

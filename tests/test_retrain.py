@@ -1,4 +1,4 @@
-"The retraining job end to end: papermill runs, run records, poisoning defences, the gate, the rate limit"
+"The retraining job end to end: papermill runs, run records, poisoning defences, the gate, the rate limit, preflight, a changed target"
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -44,11 +44,12 @@ def test_cli_retrain_twice_same_metrics_and_lineage(ini):
     assert (s.state_dir/'runs'/run1['id']/'metrics.json').is_file()
     assert summary1['status'] == 'succeeded' and summary1['decision'] == 'promote'
 
-    refused = mlkit('retrain', ini=ini)  # inside the rate limit
+    refused = mlkit('retrain', '--trigger', 'schedule', ini=ini)  # an automatic retrain inside the rate limit
     assert refused.returncode == 3
     assert 'refused by the rate limit' in refused.stderr and 'next allowed at' in refused.stderr
+    assert 'manual ones are counted, never refused' in refused.stderr
 
-    r2 = mlkit('retrain', '--force', ini=ini)
+    r2 = mlkit('retrain', '--trigger', 'schedule', '--force', ini=ini)
     assert r2.returncode == 0, r2.stderr
     run2 = reg.list_runs(limit=1)[0]
     summary2 = json.loads((s.state_dir/'runs'/run2['id']/'summary.json').read_text())
@@ -199,3 +200,76 @@ def test_rerunning_a_run_id(ini, no_limit):
     assert s['status'] == 'succeeded' and reg.get_run('nightly-1')['status'] == 'succeeded'
     with pytest.raises(RegistryError, match="run 'nightly-1' already succeeded"): run_steps(str(ini), run_id='nightly-1')
     assert reg.champion()['tag'] == s['model_tag']
+
+
+def _iris_csv(path):
+    "Iris with a text target, as a CSV"
+    from sklearn.datasets import load_iris
+    b = load_iris(as_frame=True)
+    df = b.frame.rename(columns=lambda c: c.replace(' (cm)', '').replace(' ', '_'))
+    df['species'] = b.target_names[df.pop('target')]
+    df.to_csv(path, index=False)
+    return path
+
+
+def _diabetes_csv(path):
+    "The diabetes table (a continuous target), as a CSV"
+    from sklearn.datasets import load_diabetes
+    load_diabetes(as_frame=True).frame.to_csv(path, index=False)
+    return path
+
+
+def test_wrong_settings_list_every_mismatch_and_the_corrected_retry_is_not_refused(tmp_path, monkeypatch):
+    from mlkit.errors import PreflightError, RetrainRefused
+    ini = scratch_project(ROOT/'settings.ini', tmp_path)
+    # settings written for the churn data, pointed at the diabetes table; one retrain a day, scheduled
+    wrong = {'MLKIT_DATA_SOURCE': str(_diabetes_csv(tmp_path/'diabetes.csv')), 'MLKIT_DATA_TARGET': 'target',
+             'MLKIT_SCHEDULE_MAX_RETRAINS_PER_DAY': '1', 'MLKIT_SCHEDULE_MIN_RETRAIN_INTERVAL_HOURS': '6'}
+    r = mlkit('retrain', '--trigger', 'schedule', ini=ini, env=wrong)
+    assert r.returncode == 1
+    first = r.stderr.split('PreflightError: ', 1)[1].splitlines()[0]  # the one line a failed run records names them all
+    assert first.startswith('5 settings do not fit the data'), r.stderr
+    for setting in ('[data] task', '[gate] primary_metric', '[data] id_column', '[data] timestamp_column', '[gate] slices'): assert setting in first, first
+    for k, v in wrong.items(): monkeypatch.setenv(k, v)
+    with pytest.raises(PreflightError) as e: run_steps(str(ini), trigger='schedule')
+    fixes = [str(m) for m in e.value.mismatches]
+    assert len(fixes) == 5 and 'set [data] task = regression' in fixes[0] and 'rmse, mae, r2' in fixes[1], fixes
+    reg = Registry.from_settings(load_settings(ini))
+    failed = reg.list_runs(2)
+    assert [(x['status'], x['data_fingerprint']) for x in failed] == [('failed', None)] * 2, failed
+    assert reg.list_models() == [] and not (load_settings(ini).state_dir/'golden').exists()  # nothing trained, no holdout frozen
+
+    fixed = {'MLKIT_DATA_TASK': 'regression', 'MLKIT_GATE_PRIMARY_METRIC': 'rmse', 'MLKIT_GATE_SLICES': '',
+             'MLKIT_DATA_ID_COLUMN': '', 'MLKIT_DATA_TIMESTAMP_COLUMN': ''}
+    for k, v in fixed.items(): monkeypatch.setenv(k, v)
+    s = run_steps(str(ini), trigger='schedule')  # the failed attempts did not use up the one retrain a day
+    assert s['status'] == 'succeeded' and s['rate_limit']['counted'] == 0, s.get('rate_limit')
+    assert reg.get_run(s['run_id'])['data_fingerprint'] == s['data']['content_sha256']
+    with pytest.raises(RetrainRefused, match='1 retrains in the last 24 h'): run_steps(str(ini), trigger='schedule')  # a run that trained counts
+    manual = run_steps(str(ini))  # a person is shown the count, not refused
+    assert manual['status'] == 'succeeded' and manual['rate_limit']['reached'] and not manual['rate_limit']['applies']
+
+
+def test_a_changed_target_is_refused_naming_both(tmp_path, monkeypatch):
+    from mlkit.errors import RetrainRefused
+    ini = scratch_project(ROOT/'settings.ini', tmp_path)
+    env = {'MLKIT_DATA_SOURCE': str(_iris_csv(tmp_path/'iris.csv')), 'MLKIT_DATA_TARGET': 'species', 'MLKIT_GATE_PRIMARY_METRIC': 'f1',
+           'MLKIT_GATE_SLICES': '', 'MLKIT_DATA_ID_COLUMN': '', 'MLKIT_DATA_TIMESTAMP_COLUMN': ''}
+    for k, v in env.items(): monkeypatch.setenv(k, v)
+    first = run_steps(str(ini))
+    assert first['decision'] == 'promote', first['reasons']
+    monkeypatch.setenv('MLKIT_DATA_TARGET', 'petal_length'); monkeypatch.setenv('MLKIT_DATA_TASK', 'regression')
+    monkeypatch.setenv('MLKIT_GATE_PRIMARY_METRIC', 'rmse')
+    with pytest.raises(RetrainRefused) as e: run_steps(str(ini))
+    msg = str(e.value)
+    assert "predicts 'species' (classification), but the settings ask for 'petal_length' (regression)" in msg, msg
+    assert 'set [project] name to a new name' in msg and first['model_tag'] in msg, msg
+    reg = Registry.from_settings(load_settings(ini))
+    run = reg.list_runs(1)[0]
+    assert run['status'] == 'refused' and 'target change' in run['reason']
+    assert reg.champion()['tag'] == first['model_tag'] and len(reg.list_models()) == 1
+    monkeypatch.setenv('MLKIT_PROJECT_NAME', 'iris-petals')  # a new model name takes the new target
+    second = run_steps(str(ini))
+    assert second['status'] == 'succeeded' and second['model_tag'].startswith('iris-petals:') and second['task'] == 'regression'
+    assert reg.champion('iris-petals')['tag'] == second['model_tag']
+    assert reg.champion(load_settings(ini, env={}).project.name.replace('_', '-'))['tag'] == first['model_tag']
