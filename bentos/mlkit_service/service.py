@@ -22,10 +22,11 @@ from bentoml.validators import ContentType
 from threadpoolctl import threadpool_limits
 
 from mlkit import service as svc
+from mlkit.gatekeeper import Gatekeeper, patch_bentoml_timeout
 from mlkit.predlog import PredictionLog
 from mlkit.routing import ShadowRunner
 
-svc.patch_bentoml_timeout()  # BentoML's own keeps every request's timer alive for the whole timeout
+patch_bentoml_timeout()  # BentoML's own keeps every request's timer alive for the whole timeout
 
 HERE = Path(__file__).resolve().parent
 REFS = json.loads((HERE/'serving.json').read_text()) if (HERE/'serving.json').is_file() else {}
@@ -95,5 +96,5 @@ class MlkitService:
         self.log.close()
 
 
-MlkitService.add_asgi_middleware(svc.Gatekeeper, get_state=lambda: CURRENT.get('state'), max_body_mb=SERVE.max_body_mb,
+MlkitService.add_asgi_middleware(Gatekeeper, get_state=lambda: CURRENT.get('state'), max_body_mb=SERVE.max_body_mb,
                                  unknown_category=SERVE.unknown_category, max_records=SERVE.max_records)
