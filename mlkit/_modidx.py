@@ -296,6 +296,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlkit.logrules._required': ('logrules.html#_required', 'mlkit/logrules.py'),
                                 'mlkit.logrules._text': ('logrules.html#_text', 'mlkit/logrules.py'),
                                 'mlkit.logrules.check_feedback': ('logrules.html#check_feedback', 'mlkit/logrules.py'),
+                                'mlkit.logrules.check_label': ('logrules.html#check_label', 'mlkit/logrules.py'),
                                 'mlkit.logrules.check_row': ('logrules.html#check_row', 'mlkit/logrules.py'),
                                 'mlkit.logrules.encode_row': ('logrules.html#encode_row', 'mlkit/logrules.py')},
             'mlkit.logwindow': { 'mlkit.logwindow.LogWindow': ('logwindow.html#logwindow', 'mlkit/logwindow.py'),

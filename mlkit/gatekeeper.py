@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio, hmac, json, math, os
 from typing import Callable
 
-from .contract import features
+from .contract import features, target_classes
 from .logrules import check_feedback
 
 # %% auto #0
@@ -90,11 +90,12 @@ def validate_payload(payload, # the parsed JSON body
 def validate_feedback(payload, # the parsed JSON body
                       max_items:int=1000, # most items in one request (`[serve] max_records`)
                       max_problems:int=100, # problems listed in the answer
+                      contract:dict|None=None, # the champion's data contract: labels must fit its task and classes
                      )->tuple[int, dict]|None:
     "None when `payload` is a valid feedback request, else (HTTP status, JSON body) naming each problem"
     items, bad = _body_list(payload, 'items', '{"items": [{"request_id": ..., "label": ...}, ...]}', 'item', max_items)
     if bad: return bad
-    _, problems = check_feedback(items)
+    _, problems = check_feedback(items, *((contract['task'], target_classes(contract)) if contract else ()))
     return _refusal(problems, 'item', lambda p: p['message'], max_problems) if problems else None
 
 # %% ../nbs/49_gatekeeper.ipynb #d5c80a4e
@@ -178,7 +179,10 @@ class Gatekeeper:
                 if state is None: return await _send_json(send, 503, dict(error='no model loaded yet'))
                 bad = validate_payload(payload, state.champion.contract, self.unknown_category, self.max_records)
                 if bad: return await _send_json(send, *bad)
-            elif bad := validate_feedback(payload, self.max_records): return await _send_json(send, *bad)
+            else:
+                state = self.get_state()
+                if bad := validate_feedback(payload, self.max_records, contract=state.champion.contract if state else None):
+                    return await _send_json(send, *bad)
         sent = False
         async def replay():
             nonlocal sent

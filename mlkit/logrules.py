@@ -12,12 +12,13 @@ import numpy as np
 import sqlalchemy as sa
 
 from .errors import PredictionLogError
+from .contract import class_codes
 from .db import UTCDateTime, utcnow
 from .jsonsafe import jsonable, to_plain
 
 # %% auto #0
 __all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'ROW_COLUMNS', 'FEEDBACK_KEYS', 'encode_row', 'check_row',
-           'check_feedback']
+           'check_label', 'check_feedback']
 
 # %% ../nbs/45_logrules.ipynb #f0e46809
 VARIANTS = ('champion', 'challenger')
@@ -136,12 +137,30 @@ def check_row(r:dict, # a row as given to `log` (keys: the table above)
                 prediction=None if pred is None else str(pred) if type(pred) is int else _json_text(pred, f"{where}: prediction"),
                 proba=proba, latency_ms=lat, status=status)
 
+# %% ../nbs/45_logrules.ipynb #7f2c9049
+def check_label(label, # a label as parsed from JSON
+                task:str, # the model's task: classification or regression
+                classes:list[str]|None=None, # the model's class names (classification); None: any scalar
+               )->str|None:
+    "Why `label` cannot be scored against a model of `task` with `classes`; None when it can"
+    shown = json.dumps(label, default=str)[:50]
+    if isinstance(label, float) and not math.isfinite(label): return f"must be a value, got {label}"
+    if task == 'regression':
+        if isinstance(label, bool) or not isinstance(label, (int, float)): return f"must be a number (the model is a regression), got {shown}"
+        return None
+    if isinstance(label, (dict, list)) or label is None: return f"must be one class name (a string or number), got {shown}"
+    if not classes: return None
+    known = str(label) in classes if isinstance(label, bool) else class_codes([label], classes)[0] >= 0
+    return None if known else f"{shown} is not one of the model's classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
+
 # %% ../nbs/45_logrules.ipynb #baeaf4ec
 FEEDBACK_KEYS = ('request_id', 'label')
 
 def _feedback_problem(index, field_, rule, message): return dict(index=index, field=field_, rule=rule, message=message)
 
 def check_feedback(items:list, # feedback items as parsed from JSON: {'request_id': str, 'label': JSON value}
+                   task:str|None=None, # the model's task; with it each label is checked by `check_label`
+                   classes:list[str]|None=None, # the model's class names (classification)
                   )->tuple[dict, list[dict]]:
     "The labels as JSON text by request id, and the problems of the items (index, field, rule, message), empty when all are valid"
     labels, problems = {}, []
@@ -160,5 +179,7 @@ def check_feedback(items:list, # feedback items as parsed from JSON: {'request_i
         except PredictionLogError as e: problems.append(_feedback_problem(i, 'label', 'type', str(e))); continue
         if text == 'null':  # None, NaN or inf: a label that says nothing must not erase one that was given
             problems.append(_feedback_problem(i, 'label', 'not_null', f"feedback item {i} (request_id {rid!r}): label must be a value, got {lab!r}")); continue
+        if task and (why := check_label(lab, task, classes)):
+            problems.append(_feedback_problem(i, 'label', 'label', f"feedback item {i} (request_id {rid!r}): label {why}")); continue
         labels[rid] = text
     return labels, problems

@@ -310,10 +310,12 @@ def _chunked(xs:list, n:int=500)->Iterator[list]:
 def feedback(self:PredictionLog, items:list[dict], # {'request_id': str, 'label': JSON-able value}
               flush_timeout:float=30.0, # seconds to wait for this process's queued rows first
               settle_s:float|None=None, # wait this long once for ids not found yet (other workers' queues); default 2 × flush_ms
+              task:str|None=None, # the model's task: with it, each label is checked by `mlkit.logrules.check_label`
+              classes:list[str]|None=None, # the model's class names (classification)
              )->dict:
     "Attach delayed labels to logged predictions; returns dict(joined=[ids], unknown=[ids])"
     if isinstance(items, dict): raise PredictionLogError("feedback() takes a list of items (dicts), got one dict; wrap it in a list")
-    labels, problems = check_feedback(items)
+    labels, problems = check_feedback(items, task, classes)
     if problems: raise PredictionLogError('; '.join(p['message'] for p in problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ''))
     if not labels: return dict(joined=[], unknown=[])
     self.flush(flush_timeout) # (also starts afresh in a forked process)

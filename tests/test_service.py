@@ -165,6 +165,10 @@ def test_feedback_joins_the_logged_prediction(project, server):
     assert r.json()['joined'] == 10 and r.json()['unknown'] == ['no-such-id']
     bad = httpx.post(f'{server.url}/feedback', json={'items': [{'label': 1}]}, headers=H, timeout=30)
     assert bad.status_code == 422 and bad.json()['errors'][0]['field'] == 'request_id'
+    wrong = [dict(request_id=ids[0], label=5), dict(request_id=ids[1], label=True)]  # not classes of the champion
+    bad = httpx.post(f'{server.url}/feedback', json={'items': wrong}, headers=H, timeout=30)
+    assert bad.status_code == 422 and [(e['index'], e['field']) for e in bad.json()['errors']] == [(0, 'label'), (1, 'label')], bad.text
+    assert "feedback item 0" in bad.json()['error'] and "not one of the model's classes" in bad.json()['error'], bad.text
     log = PredictionLog.from_settings(load_settings(ini, env={}))
     got = log.read(with_features=False).set_index('request_id')
     for i, y in zip(ids[:10], df['churned'][:10]): assert float(got.loc[i, 'label']) == float(y)

@@ -116,6 +116,9 @@ def test_feedback_joins_and_refuses_what_would_spoil_the_log(project, client):
     assert labels(ini, ids[:4]) == [int(y) for y in df['churned'][:4]]
     bad = [({'items': [dict(request_id=ids[0], label=None)]}, 422, 'label', 'not_null'),  # would erase the label just given
            ({'items': [dict(request_id=ids[0], label=1, score=0.3)]}, 422, 'score', 'unknown'),
+           ({'items': [dict(request_id=ids[0], label=2)]}, 422, 'label', 'label'),  # not a class of the champion (0, 1)
+           ({'items': [dict(request_id=ids[0], label=True)]}, 422, 'label', 'label'),
+           ({'items': [dict(request_id=ids[0], label='yes')]}, 422, 'label', 'label'),
            ({'items': [dict(label=1)]}, 422, 'request_id', 'required'),
            ({'items': [dict(request_id='', label=1)]}, 422, 'request_id', 'type'),
            ({'items': [dict(request_id='r' * 201, label=1)]}, 422, 'request_id', 'type'),
