@@ -27,7 +27,7 @@ def readme_commands(text=README):
 
 def documented_statuses(cmd, text=README):
     "Exit statuses the README documents for `cmd`: the monitor's verdicts (**ok** (0), ...), else 0"
-    if cmd[1] == 'monitor': return {int(n) for n in re.findall(r'\*\*(?:ok|warn|retrain)\*\* \((\d)\)', text)}
+    if cmd[1] == 'monitor': return {int(n) for n in re.findall(r'\*\*(?:ok|warn|retrain)\*\* \((\d)[:)]', text)}
     return {0}
 
 
