@@ -66,6 +66,9 @@ def test_retrain_with_p_promotes(case):
     runs = sorted((case['ini'].parent/'.mlkit'/'runs').iterdir())
     params = strict_json(runs[-1]/'parameters.json')
     assert int(params['seed']) == 7, params
+    summary = strict_json(runs[-1]/'summary.json')
+    assert summary['task'] == CASES[case['name']][2]
+    assert summary['decision'] == 'promote', (summary['decision'], summary.get('reasons'))
 
 
 def test_serve_answers_equal_the_pipeline(case, champion, server):
@@ -112,7 +115,9 @@ def test_monitor_with_p_gives_a_verdict_and_a_report(case, server):
     assert Path(report).name == 'report.html' and Path(report).stat().st_size > 1000
     summary = strict_json(Path(report).parent/'summary.json')
     assert summary['exit_status'] == r.returncode
-    assert any(v in r.stdout for v in ('ok', 'warn', 'retrain'))
+    assert summary['verdict'] in ('ok', 'warn', 'retrain') and summary['line'] in r.stdout
+    assert summary['rows'] >= 200  # the served records
+    assert summary['thresholds']['psi_alert'] == 0.3, summary['thresholds']  # -p reached the job
 
 
 def test_every_json_the_jobs_wrote_is_strict(case, champion):
