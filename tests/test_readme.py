@@ -1,0 +1,86 @@
+"Every `mlkit ...` command line in README.md's code blocks, run as written in a scratch project, exits as documented"
+import os, re, shlex, subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import BIN, ROOT, free_port
+from service_util import Server
+from mlkit.config import load_settings
+from mlkit.datasets import churn
+from mlkit.jobs import scratch_project
+from mlkit.registry import Registry
+
+README = (ROOT/'README.md').read_text()
+LONG_RUNNING = {'serve', 'lab'}  # daemons: started, checked on their port, stopped
+
+
+def readme_commands(text=README):
+    "The `mlkit` command lines of the fenced code blocks of `text`, in order, without their comments"
+    cmds = []
+    for block in re.findall(r'(?ms)^```[^\n]*\n(.*?)^```', text):
+        for line in block.splitlines():
+            if re.match(r'\s*mlkit\s', line + ' '): cmds.append(shlex.split(line, comments=True))
+    return cmds
+
+
+def documented_statuses(cmd, text=README):
+    "Exit statuses the README documents for `cmd`: the monitor's verdicts (**ok** (0), ...), else 0"
+    if cmd[1] == 'monitor': return {int(n) for n in re.findall(r'\*\*(?:ok|warn|retrain)\*\* \((\d)[:)]', text)}
+    return {0}
+
+
+def test_readme_commands_are_found():
+    cmds = readme_commands()
+    assert len(cmds) >= 10 and all(c[0] == 'mlkit' for c in cmds)
+    assert readme_commands("x\n```sh\nmlkit new-thing --x 1  # note\n```\n") == [['mlkit', 'new-thing', '--x', '1']]
+    assert documented_statuses(['mlkit', 'monitor']) == {0, 4, 5}
+
+
+@pytest.fixture(scope='module')
+def project(tmp_path_factory):
+    d = tmp_path_factory.mktemp('readme')
+    ini = scratch_project(ROOT/'settings.ini', d)
+    churn(n=1500, seed=3).to_parquet(d/'new.parquet')  # `--data new.parquet`
+    return ini
+
+
+def env_for(ini):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MLKIT_')}
+    env.update(BENTOML_DO_NOT_TRACK='True')
+    return env
+
+
+def fill_in(cmd, ini):
+    "Replace the README's placeholders (TAG) with a tag of the scratch project's registry"
+    if not any('TAG' in c for c in cmd): return cmd
+    reg = Registry.from_settings(load_settings(ini, env={}))
+    champ = (reg.champion() or {}).get('tag')
+    tags = [m['tag'] for m in reg.list_models()]
+    other = next((t for t in tags if t != champ), champ)
+    tag = other if cmd[1] == 'promote' else champ
+    assert tag, f"no model in the registry for {' '.join(cmd)}"
+    return [c.replace(c.split(':')[0] + ':TAG', tag) if c.endswith(':TAG') else c for c in cmd]
+
+
+@pytest.mark.parametrize('cmd', readme_commands(), ids=lambda c: ' '.join(c))
+def test_readme_command(cmd, project):
+    cmd = fill_in(cmd, project)
+    argv = [str(BIN/'mlkit'), *cmd[1:]]
+    if cmd[1] in LONG_RUNNING:
+        port = free_port()
+        srv = Server(project, cmd=argv, env={'MLKIT_SERVE_PORT': str(port), 'MLKIT_SETTINGS': ''})
+        srv.env.pop('MLKIT_SETTINGS'); srv.env.pop('MLKIT_SERVE_WORKERS')
+        srv.port, srv.url = port, f'http://127.0.0.1:{port}'
+        old = os.getcwd(); os.chdir(project.parent)
+        try: srv.start(timeout=240)
+        finally: os.chdir(old)
+        try: assert httpx.get(f'{srv.url}/livez', timeout=5).status_code == 200
+        finally: rc = srv.stop()
+        assert rc is not None
+        return
+    r = subprocess.run(argv, cwd=project.parent, env=env_for(project), capture_output=True, text=True, timeout=900)
+    want = documented_statuses(cmd)
+    assert r.returncode in want, f"{' '.join(cmd)}: exit {r.returncode}, README says {sorted(want)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert 'Traceback' not in r.stderr, r.stderr[-3000:]
