@@ -4,7 +4,7 @@
 
 # %% ../nbs/41_jobs.ipynb #39e7a8fd
 from __future__ import annotations
-import json, os, re, signal, sys, tempfile, threading
+import ast, json, os, re, signal, sys, tempfile, threading
 from pathlib import Path
 
 # jsonschema (through nbformat) imports rfc3987-syntax when it is installed, which compiles an Earley grammar at
@@ -37,21 +37,38 @@ def job_parameters(nb:Path, # a job notebook
 # %% ../nbs/41_jobs.ipynb #2563ba31
 _BOOL = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
 
+def _json_kind(default:str)->type|None:
+    "`dict` or `list` when a parameter's default (its source text) is JSON text of that kind, such as `'{}'`; else None"
+    try: d = ast.literal_eval(default)
+    except (ValueError, SyntaxError): return None
+    if not isinstance(d, str) or d.strip()[:1] not in ('{', '['): return None
+    try: return type(json.loads(d))
+    except ValueError: return None
+
+def _cast(v:str, tp:str, default:str):
+    "Text `v` as the declared type `tp`; JSON text is checked when the parameter's default is JSON"
+    if tp == 'int': return int(v)
+    if tp == 'float': return float(v)
+    if tp == 'bool': return _BOOL[v.strip().lower()]
+    if tp == 'str' and (kind := _json_kind(default)):
+        try: parsed = json.loads(v)
+        except ValueError as e: raise ValueError(f"not JSON ({e.msg} at character {e.pos})") from None
+        if not isinstance(parsed, kind): raise ValueError(f"a JSON {'object' if kind is dict else 'array'} is needed")
+    return v
+
 def cast_parameters(given:dict, # name -> value (text from the command line, or typed)
                     spec:dict, # from `job_parameters`
                    )->dict:
-    "Cast `given` to the declared parameter types"
+    "Cast `given` to the declared parameter types; a bad value raises `MlkitError` naming the parameter"
     out = {}
     for k, v in given.items():
         if k not in spec: raise MlkitError(f"unknown job parameter '{k}'; the job takes: {', '.join(spec)}")
         tp = spec[k]['type']
-        if not isinstance(v, str) or tp == 'str': out[k] = v; continue
-        try:
-            if tp == 'int': out[k] = int(v)
-            elif tp == 'float': out[k] = float(v)
-            elif tp == 'bool': out[k] = _BOOL[v.strip().lower()]
-            else: out[k] = v
-        except (ValueError, KeyError): raise MlkitError(f"job parameter '{k}': expected {tp}, got {v!r}") from None
+        if not isinstance(v, str): out[k] = v; continue
+        try: out[k] = _cast(v, tp, spec[k]['default'])
+        except (ValueError, KeyError) as e:
+            why = f" ({e})" if isinstance(e, ValueError) and tp == 'str' else ''
+            raise MlkitError(f"job parameter '{k}': expected {'JSON' if why else tp}, got {v!r}{why}") from None
     return out
 
 # %% ../nbs/41_jobs.ipynb #329515b7
@@ -98,7 +115,11 @@ def run_job(name:str, # job notebook name in nbs/jobs/ (retrain, monitor)
     run_id = run_id or params.get('run_id') or new_run_id(name)
     run_dir = settings.state_dir/'runs'/run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    params = cast_parameters({**params, 'run_id': run_id, 'settings_path': str(settings.file)}, job_parameters(nb))
+    given = {**params, 'run_id': run_id, 'settings_path': str(settings.file)}
+    try: params = cast_parameters(given, job_parameters(nb))
+    except MlkitError as e: # a bad value ends the run before it starts, recorded as failed (the rate limit does not count it)
+        record_failure(settings, name, run_id, str(e), '', {k: str(v) for k, v in given.items()})
+        raise
     write_json(run_dir/'parameters.json', params)
     out, timeout_s = run_dir/f'{name}.ipynb', timeout_s or settings.train.timeout_s
     started, timed_out = len(JobKernelManager.live), threading.Event()

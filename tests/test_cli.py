@@ -61,3 +61,27 @@ def test_not_yet_available_command(project):
     r = mlkit('schedule', cwd=project)
     assert r.returncode == 2
     assert 'not available' in r.stderr
+
+
+def test_closed_pipe_is_quiet(project):
+    "`mlkit config | head -1`: the reader leaves early; mlkit stops with 141 (as SIGPIPE would) and no traceback"
+    import os
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MLKIT_')}
+    for args in (['config', '--explain'], ['runs'], ['models', '--json']):
+        p = subprocess.Popen([str(BIN/'mlkit'), *args], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p.stdout.close()  # before mlkit writes anything: its first write meets a closed pipe
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=120) == 141, (args, err)
+        assert 'BrokenPipeError' not in err and 'Traceback' not in err, (args, err)
+
+
+def test_retrain_param_value_whole_and_typed(project):
+    "`-p NAME VALUE` keeps the value whole; a bad one is one line on stderr and a failed run, not a traceback"
+    r = mlkit('retrain', '-p', 'hyperparameters', 'notjson', cwd=project)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.startswith("mlkit retrain: job parameter 'hyperparameters': expected JSON, got 'notjson'"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
+    r = mlkit('runs', '--json', cwd=project)
+    import json
+    runs = json.loads(r.stdout)
+    assert [x['status'] for x in runs] == ['failed'] and 'hyperparameters' in runs[0]['reason'], runs

@@ -26,8 +26,9 @@ def readme_commands(text=README):
 
 
 def documented_statuses(cmd, text=README):
-    "Exit statuses the README documents for `cmd`: the monitor's verdicts (**ok** (0), ...), else 0"
+    "Exit statuses the README documents for `cmd`: the monitor's verdicts (**ok** (0), ...), the gate's decisions, else 0"
     if cmd[1] == 'monitor': return {int(n) for n in re.findall(r'\*\*(?:ok|warn|retrain)\*\* \((\d)[:)]', text)}
+    if cmd[1] == 'retrain': return {int(n) for n in re.findall(r'\*\*(?:promoted|challenger|rejected)\*\* \((\d)\)', text)}
     return {0}
 
 
@@ -36,6 +37,7 @@ def test_readme_commands_are_found():
     assert len(cmds) >= 10 and all(c[0] == 'mlkit' for c in cmds)
     assert readme_commands("x\n```sh\nmlkit new-thing --x 1  # note\n```\n") == [['mlkit', 'new-thing', '--x', '1']]
     assert documented_statuses(['mlkit', 'monitor']) == {0, 4, 5}
+    assert documented_statuses(['mlkit', 'retrain']) == {0, 4, 5}
 
 
 @pytest.fixture(scope='module')
