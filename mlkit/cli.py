@@ -211,10 +211,11 @@ def monitor(since:str=None, # start of the window, ISO date or time (default: wh
 
 # %% ../nbs/90_cli.ipynb #cd6bfc35
 @command
-def schedule(target:Annotated[str, "what to write: crontab lines or an Airflow DAG", {'choices': ['cron', 'airflow']}]='cron',
+def schedule(once:bool=False, # run the jobs that are due, then exit (for cron, systemd timers or a Kubernetes CronJob)
             ):
-    "Print the schedule of the retraining and monitoring jobs for cron or Airflow"
-    _not_yet('schedule')
+    "Run the retraining and monitoring jobs on the cron expressions of [schedule], in the foreground (--once: what is due, then exit 0, or 1 if a run failed)"
+    from mlkit.schedule import serve_schedule  # on use: `mlkit --help` must not load ML libraries
+    return serve_schedule(load_settings(), once=once)
 
 # %% ../nbs/90_cli.ipynb #94961a37
 @command(pos=['path'])

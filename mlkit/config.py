@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields, MISSING
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, get_args, get_origin, get_type_hints
 
+from croniter import croniter
+
 from .errors import SettingsError
 
 # %% auto #0
@@ -53,6 +55,7 @@ _seconds = Check(_above_zero, 'a positive number of seconds')
 _nonneg = Check(lambda v: v >= 0, 'zero or a positive number')
 _port = Check(lambda v: 0 < v < 65536, 'a port number (1-65535)')
 _canary_share = Check(_above_zero, 'a number above 0 in canary mode (at 0 the challenger never gets a request to judge)')
+_cron = Check(lambda v: v == '' or croniter.is_valid(v), "a cron expression of five fields (minute hour day-of-month month day-of-week), or empty for never")
 
 # %% ../nbs/01_config.ipynb #d45541d3
 @dataclass(frozen=True)
@@ -136,8 +139,10 @@ class MonitorSettings:
 @dataclass(frozen=True)
 class ScheduleSettings:
     "`[schedule]`: when jobs run, and the guard against retraining too often"
-    retrain: str = key('0 3 * * 1', "cron expression of the scheduled retraining job")
-    monitor: str = key('0 * * * *', "cron expression of the monitoring job")
+    retrain: str = key('0 3 * * 1', "cron expression, in UTC, of the scheduled retraining job run by `mlkit schedule` ('' = never)", _cron)
+    monitor: str = key('0 * * * *', "cron expression, in UTC, of the monitoring job run by `mlkit schedule` ('' = never)", _cron)
+    misfire_grace_hours: float = key(12.0, "`mlkit schedule`: a fire missed while no scheduler ran still runs if at most this old; missed fires of one job coalesce into one run", _positive)
+    stop_timeout_s: float = key(120.0, "`mlkit schedule` on SIGTERM: a running job gets this long to finish, then it is stopped and recorded as failed", _seconds)
     min_retrain_interval_hours: float = key(6.0, "scheduled and monitor-triggered retrains closer together than this are refused (the rate limit refuses only scheduled and monitor-triggered retrains; manual ones are counted, never refused; runs refused or failed before training do not count)", _nonneg)
     max_retrains_per_day: int = key(4, "scheduled and monitor-triggered retrains past this count in 24 hours are refused (the rate limit refuses only scheduled and monitor-triggered retrains; manual ones are counted, never refused; runs refused or failed before training do not count)", _count)
 

@@ -25,8 +25,8 @@ from .jsonsafe import write_json
 from .runs import job_notebook, new_run_id, one_line, record_failure
 
 # %% auto #0
-__all__ = ['job_parameters', 'cast_parameters', 'first_error', 'JobKernelManager', 'run_job', 'notebook_to_html', 'retrain',
-           'monitor', 'scratch_project']
+__all__ = ['job_parameters', 'cast_parameters', 'first_error', 'JobKernelManager', 'stop_kernels', 'run_job', 'notebook_to_html',
+           'retrain', 'monitor', 'scratch_project']
 
 # %% ../nbs/41_jobs.ipynb #037174ed
 def job_parameters(nb:Path, # a job notebook
@@ -94,8 +94,8 @@ class JobKernelManager(AsyncKernelManager):
         JobKernelManager.live.append(self)
 
 # %% ../nbs/41_jobs.ipynb #22a6eb16
-def _kill_kernels(kms:list):
-    "SIGKILL the kernels of `kms` (the run's timeout)"
+def stop_kernels(kms:list):
+    "SIGKILL the kernels of `kms` (a run past its timeout, or a scheduler stopping)"
     for km in kms:
         pid = getattr(getattr(km, 'provisioner', None), 'pid', None)
         if pid:
@@ -124,7 +124,7 @@ def run_job(name:str, # job notebook name in nbs/jobs/ (retrain, monitor)
     out, timeout_s = run_dir/f'{name}.ipynb', timeout_s or settings.train.timeout_s
     started, timed_out = len(JobKernelManager.live), threading.Event()
     def _expire():
-        timed_out.set(); _kill_kernels(JobKernelManager.live[started:])
+        timed_out.set(); stop_kernels(JobKernelManager.live[started:])
     watchdog = threading.Timer(timeout_s, _expire)
     watchdog.daemon = True
     watchdog.start()

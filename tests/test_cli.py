@@ -58,7 +58,7 @@ def test_missing_settings_file(tmp_path):
 
 
 def test_not_yet_available_command(project):
-    r = mlkit('schedule', cwd=project)
+    r = mlkit('new', 'elsewhere', cwd=project)
     assert r.returncode == 2
     assert 'not available' in r.stderr
 
