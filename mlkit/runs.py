@@ -17,6 +17,7 @@ from .db import utcnow
 from .errors import MlkitError
 from .jsonsafe import to_records, write_json
 from .registry import Registry
+from .registry_schema import TRIGGERS
 from .store import load_pipeline, model_name, use_store
 
 # %% auto #0
@@ -151,7 +152,9 @@ def record_failure(settings:Settings, # the project's settings
     with Registry.from_settings(settings) as reg:
         row = reg.get_run(run_id)
         if row is not None and row['status'] != 'running': return row
-        if row is None: reg.start_run(run_id, kind, params or {})
+        if row is None: # the run died before its notebook recorded it: record it as the job was asked to run
+            p = params or {}
+            reg.start_run(run_id, kind, p, p.get('trigger') if p.get('trigger') in TRIGGERS else 'manual', p.get('force') in (True, 'True', 'true'))
         reg.finish_run(run_id, 'failed', reason, notebook=str(notebook) if notebook else None, data_fingerprint=trained.get('training_data'))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir/'summary.json', dict(run_id=run_id, kind=kind, status='failed', reason=reason, notebook=str(notebook),

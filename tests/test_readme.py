@@ -1,5 +1,5 @@
 "Every `mlkit ...` command line in README.md's code blocks, run as written in a scratch project, exits as documented"
-import os, re, shlex, subprocess
+import os, re, shlex, signal, subprocess, time
 from pathlib import Path
 
 import httpx
@@ -14,6 +14,7 @@ from mlkit.registry import Registry
 
 README = (ROOT/'README.md').read_text()
 LONG_RUNNING = {'serve', 'lab'}  # daemons: started, checked on their port, stopped
+FOREGROUND = [['mlkit', 'schedule']]  # runs until stopped: started, waited for, stopped with SIGTERM
 
 
 def readme_commands(text=README):
@@ -66,6 +67,22 @@ def fill_in(cmd, ini):
     return [c.replace(c.split(':')[0] + ':TAG', tag) if c.endswith(':TAG') else c for c in cmd]
 
 
+def run_until_idle(argv, ini, timeout=600):
+    "Start a foreground command, wait until it says it waits for its next fire, SIGTERM it: it must exit 0"
+    log = ini.parent/'foreground.log'
+    with open(log, 'w') as f:
+        p = subprocess.Popen(argv, cwd=ini.parent, env=env_for(ini), stdout=f, stderr=subprocess.STDOUT, text=True)
+    try:
+        end = time.monotonic() + timeout
+        while 'next fire at' not in log.read_text() and p.poll() is None and time.monotonic() < end: time.sleep(0.5)
+        assert p.poll() is None and 'next fire at' in log.read_text(), log.read_text()[-3000:]
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if p.poll() is None: p.kill()
+    assert 'Traceback' not in log.read_text(), log.read_text()[-3000:]
+
+
 @pytest.mark.parametrize('cmd', readme_commands(), ids=lambda c: ' '.join(c))
 def test_readme_command(cmd, project):
     cmd = fill_in(cmd, project)
@@ -82,6 +99,7 @@ def test_readme_command(cmd, project):
         finally: rc = srv.stop()
         assert rc is not None
         return
+    if cmd in FOREGROUND: return run_until_idle(argv, project)
     r = subprocess.run(argv, cwd=project.parent, env=env_for(project), capture_output=True, text=True, timeout=900)
     want = documented_statuses(cmd)
     assert r.returncode in want, f"{' '.join(cmd)}: exit {r.returncode}, README says {sorted(want)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
