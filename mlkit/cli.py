@@ -147,8 +147,10 @@ def rollback(reason:Annotated[str, "why (kept in the audit trail)", {'opt': True
     "Make the previous champion the champion again, in one step"
     from mlkit.registry import default_actor  # on use: `mlkit --help` must not load ML libraries
     s, reg = _settings_registry()
+    from mlkit.notify import notify
     res = reg.rollback(default_actor(), reason)
     print(f"champion: {res.get('tag') if isinstance(res, dict) else res} (was {res.get('previous_tag') if isinstance(res, dict) else '?'})")
+    if isinstance(res, dict): notify(s, 'rollback', reasons=[reason], champion=res.get('tag'), previous=res.get('previous_tag'))
 
 # %% ../nbs/90_cli.ipynb #55d6f6bc
 @command

@@ -7,6 +7,7 @@ from __future__ import annotations
 import configparser, difflib, math, os, re
 from dataclasses import dataclass, field, fields, MISSING
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Callable, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 from croniter import croniter
@@ -14,9 +15,9 @@ from croniter import croniter
 from .errors import SettingsError
 
 # %% auto #0
-__all__ = ['SECTIONS', 'ENV_PREFIX', 'Check', 'Rule', 'key', 'ProjectSettings', 'DataSettings', 'TrainSettings', 'GateSettings',
-           'ServeSettings', 'MonitorSettings', 'ScheduleSettings', 'Settings', 'parse_value', 'find_settings',
-           'load_settings', 'describe']
+__all__ = ['NOTIFY_EVENTS', 'SECTIONS', 'ENV_PREFIX', 'Check', 'Rule', 'key', 'ProjectSettings', 'DataSettings', 'TrainSettings',
+           'GateSettings', 'ServeSettings', 'MonitorSettings', 'ScheduleSettings', 'NotifySettings', 'Settings',
+           'parse_value', 'find_settings', 'load_settings', 'describe']
 
 # %% ../nbs/01_config.ipynb #1d84eca3
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ _nonneg = Check(lambda v: v >= 0, 'zero or a positive number')
 _port = Check(lambda v: 0 < v < 65536, 'a port number (1-65535)')
 _canary_share = Check(_above_zero, 'a number above 0 in canary mode (at 0 the challenger never gets a request to judge)')
 _cron = Check(lambda v: v == '' or croniter.is_valid(v), "a cron expression of five fields (minute hour day-of-month month day-of-week), or empty for never")
+def _is_url(u): return urlsplit(u).scheme in ('http', 'https') and bool(urlsplit(u).hostname)
+_urls = Check(lambda v: all(_is_url(u) for u in v), 'comma-separated http:// or https:// URLs')
+NOTIFY_EVENTS = ('warn', 'retrain', 'promotion', 'challenger', 'refused', 'rate_limit', 'failed', 'rollback', 'dependency')
+_events = Check(lambda v: set(v) <= set(NOTIFY_EVENTS), f"comma-separated events among {', '.join(NOTIFY_EVENTS)}")
 
 # %% ../nbs/01_config.ipynb #d45541d3
 @dataclass(frozen=True)
@@ -146,9 +151,18 @@ class ScheduleSettings:
     min_retrain_interval_hours: float = key(6.0, "scheduled and monitor-triggered retrains closer together than this are refused (the rate limit refuses only scheduled and monitor-triggered retrains; manual ones are counted, never refused; runs refused or failed before training do not count)", _nonneg)
     max_retrains_per_day: int = key(4, "scheduled and monitor-triggered retrains past this count in 24 hours are refused (the rate limit refuses only scheduled and monitor-triggered retrains; manual ones are counted, never refused; runs refused or failed before training do not count)", _count)
 
+@dataclass(frozen=True)
+class NotifySettings:
+    "`[notify]`: webhooks told what the jobs decided"
+    webhooks: list[str] = key((), "URLs that get a JSON POST per event (comma-separated; a Slack or Teams incoming webhook shows its `text`; '' = none)", _urls)
+    events: list[str] = key(NOTIFY_EVENTS, "events sent: warn, retrain (monitoring verdicts), promotion, challenger, refused, rate_limit, failed, rollback, dependency", _events)
+    timeout_s: float = key(5.0, "one delivery attempt waits this long for an answer", _seconds)
+    attempts: int = key(3, "delivery attempts per webhook, 1 s, 2 s, ... apart", _count)
+    max_wait_s: float = key(15.0, "a job waits at most this long for its notifications; the rest are given up and recorded", _seconds)
+
 # %% ../nbs/01_config.ipynb #1c7928bd
 SECTIONS = dict(project=ProjectSettings, data=DataSettings, train=TrainSettings, gate=GateSettings,
-                serve=ServeSettings, monitor=MonitorSettings, schedule=ScheduleSettings)
+                serve=ServeSettings, monitor=MonitorSettings, schedule=ScheduleSettings, notify=NotifySettings)
 
 @dataclass(frozen=True)
 class Settings:
@@ -162,6 +176,7 @@ class Settings:
     schedule: ScheduleSettings
     file: Path # the settings.ini they were read from
     sources: dict # (section, key) -> where the value came from
+    notify: NotifySettings = field(default_factory=NotifySettings)
 
     @property
     def root(self)->Path:

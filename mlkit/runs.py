@@ -16,6 +16,7 @@ from .config import Settings, load_settings
 from .db import utcnow
 from .errors import MlkitError
 from .jsonsafe import to_records, write_json
+from .notify import notify_run
 from .registry import Registry
 from .registry_schema import TRIGGERS
 from .store import load_pipeline, model_name, use_store
@@ -95,6 +96,7 @@ def succeed(run:JobRun, reason:str='', # one line: what the run decided
     run.summary.update(status='succeeded', finished_at=utcnow().isoformat(), duration_s=round(time.perf_counter() - run.started, 3))
     write_summary(run)
     run.registry.finish_run(run.run_id, 'succeeded', reason, **fields)
+    notify_run(run.settings, run.summary)
     return run.summary
 
 # %% ../nbs/39_runs.ipynb #d2f9a237
@@ -104,8 +106,9 @@ def refuse(run:JobRun, reason:str, # why a guard said no
     "Record the run as refused by a guard before it did anything; write summary.json; return the summary"
     run.registry.start_run(run.run_id, run.kind, run.params, run.trigger, False)
     run.registry.finish_run(run.run_id, 'refused', reason)
-    run.summary.update(run_id=run.run_id, kind=run.kind, status='refused', reason=reason, finished_at=utcnow().isoformat(), **summary)
+    run.summary.update(run_id=run.run_id, kind=run.kind, status='refused', trigger=run.trigger, reason=reason, finished_at=utcnow().isoformat(), **summary)
     write_summary(run)
+    notify_run(run.settings, run.summary)
     return run.summary
 
 # %% ../nbs/39_runs.ipynb #3be6fdc7
@@ -157,8 +160,10 @@ def record_failure(settings:Settings, # the project's settings
             reg.start_run(run_id, kind, p, p.get('trigger') if p.get('trigger') in TRIGGERS else 'manual', p.get('force') in (True, 'True', 'true'))
         reg.finish_run(run_id, 'failed', reason, notebook=str(notebook) if notebook else None, data_fingerprint=trained.get('training_data'))
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir/'summary.json', dict(run_id=run_id, kind=kind, status='failed', reason=reason, notebook=str(notebook),
-                                           finished_at=utcnow().isoformat(), **trained))
+    summary = dict(run_id=run_id, kind=kind, status='failed', reason=reason, notebook=str(notebook),
+                   trigger=(params or {}).get('trigger'), finished_at=utcnow().isoformat(), **trained)
+    write_json(run_dir/'summary.json', summary)
+    notify_run(settings, summary)
     return None
 
 # %% ../nbs/39_runs.ipynb #480d838d
