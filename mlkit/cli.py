@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'RETRAIN_EXIT', 'command', 'format_table', 'config', 'print_retrain', 'job_params', 'retrain', 'runs',
-           'models', 'promote', 'rollback', 'serve', 'build', 'logs', 'monitor', 'schedule', 'new', 'demo',
+           'models', 'promote', 'rollback', 'serve', 'build', 'logs', 'monitor', 'schedule', 'export', 'new', 'demo',
            'export_logs', 'main', 'cli']
 
 # %% ../nbs/90_cli.ipynb #f682bb20
@@ -214,10 +214,25 @@ def monitor(since:str=None, # start of the window, ISO date or time (default: wh
 # %% ../nbs/90_cli.ipynb #cd6bfc35
 @command
 def schedule(once:bool=False, # run the jobs that are due, then exit (for cron, systemd timers or a Kubernetes CronJob)
+             job:Annotated[str, "only this job (default: both)", {'choices': ['retrain', 'monitor']}]=None,
             ):
     "Run the retraining and monitoring jobs on the cron expressions of [schedule], in the foreground (--once: what is due, then exit 0, or 1 if a run failed)"
-    from mlkit.schedule import serve_schedule  # on use: `mlkit --help` must not load ML libraries
-    return serve_schedule(load_settings(), once=once)
+    from mlkit.schedule import JOBS, serve_schedule  # on use: `mlkit --help` must not load ML libraries
+    return serve_schedule(load_settings(), once=once, jobs=(job,) if job else JOBS)
+
+@command(pos=['engine', 'folder'])
+def export(engine:Annotated[str, "what to write: k8s (Kubernetes manifests) or airflow (a DAG file)", {'choices': ['k8s', 'airflow']}],
+           folder:str, # where to write the files
+           image:str='', # k8s: the bento's image (default: mlkit-service:TAG of the newest `mlkit build`)
+           jobs_image:str='', # k8s: image of the jobs, with mlkit and its job dependencies (default: --image)
+           replicas:int=2, # k8s: service pods
+           kernel:str='python3', # airflow: Jupyter kernel the workers run the job notebooks in
+          ):
+    "Write what an existing engine runs: Kubernetes manifests for the service and the jobs, or an Airflow DAG for the jobs"
+    from mlkit.deploy import write_airflow, write_k8s  # on use: `mlkit --help` must not load ML libraries
+    s = load_settings()
+    files = write_k8s(s, folder, image, jobs_image=jobs_image, replicas=replicas) if engine == 'k8s' else write_airflow(s, folder, kernel=kernel)
+    for f in files: print(f)
 
 # %% ../nbs/90_cli.ipynb #94961a37
 @command(pos=['path'])

@@ -142,13 +142,14 @@ def run_due(settings:Settings, # the project's settings
             now:datetime|None=None, # the time to judge by (default: now)
             runner:Callable[[str, Settings, str], str]=run_job_now, # (job, settings, run_id) -> outcome
             out:Callable=print, # where the lines go
+            jobs:tuple=JOBS, # the jobs to look at (default: both)
            )->list[dict]:
     "Run every job of `[schedule]` that is due, once; return what happened to each (job, fire, run_id, outcome)"
     now, sch = now or utcnow(), settings.schedule
     grace, max_age = timedelta(hours=sch.misfire_grace_hours), timedelta(seconds=settings.train.timeout_s + sch.stop_timeout_s)
     done = []
     with FireBook.from_settings(settings) as book:
-        for job in JOBS:
+        for job in jobs:
             due = due_fire(getattr(sch, job), now, book.last_fire(job), grace)
             if due['late']: out(f"{job}: the fire of {due['late']:%Y-%m-%d %H:%M} UTC was missed by more than {sch.misfire_grace_hours:g} h ([schedule] misfire_grace_hours); next at {next_fire(getattr(sch, job), now):%Y-%m-%d %H:%M} UTC")
             if due['fire'] is None: continue
@@ -174,6 +175,7 @@ def _wait(stop:threading.Event, until:datetime):
 def serve_schedule(settings:Settings|None=None, # the project's settings (default: the nearest settings.ini)
                    once:bool=False, # run what is due, then return
                    out:Callable=print, # where the lines go
+                   jobs:tuple=JOBS, # the jobs to run (default: both)
                   )->int:
     "Run the scheduled jobs in the foreground; return 0, or 1 when a run failed (with `once`)"
     from mlkit.jobs import JobKernelManager, stop_kernels  # on use: papermill is heavy
@@ -188,14 +190,14 @@ def serve_schedule(settings:Settings|None=None, # the project's settings (defaul
     main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
     old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
-        jobs = [f"{j} '{getattr(sch, j)}'" for j in JOBS if getattr(sch, j)]
-        out(f"schedule (UTC): {', '.join(jobs) or 'nothing: [schedule] retrain and monitor are empty'}")
+        crons = [f"{j} '{getattr(sch, j)}'" for j in jobs if getattr(sch, j)]
+        out(f"schedule (UTC): {', '.join(crons) or 'nothing: ' + ('[schedule] retrain and monitor are empty' if len(jobs) > 1 else f'[schedule] {jobs[0]} is empty')}")
         failed = False
         while True:
-            failed |= any(d['outcome'].startswith('failed') for d in run_due(s, out=out))
-            if once or stop.is_set() or not jobs: break
+            failed |= any(d['outcome'].startswith('failed') for d in run_due(s, out=out, jobs=jobs))
+            if once or stop.is_set() or not crons: break
             now = utcnow()
-            nxt = min(next_fire(getattr(sch, j), now) for j in JOBS if getattr(sch, j))
+            nxt = min(next_fire(getattr(sch, j), now) for j in jobs if getattr(sch, j))
             out(f"next fire at {nxt:%Y-%m-%d %H:%M} UTC")
             _wait(stop, nxt)
             if stop.is_set(): break

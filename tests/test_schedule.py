@@ -58,6 +58,8 @@ def test_missed_fires_coalesce_into_one_run_then_nothing_is_due(tmp_path):
     with FireBook.from_settings(load_settings(ini, env={})) as book:  # the last scheduler ran three hours ago
         old = latest_fire('0 * * * *', now - timedelta(hours=3))
         book.claim('retrain', old, 'an-old-run'); book.finish('retrain', old, 'succeeded: promote')
+    r1 = subprocess.run([str(BIN/'mlkit'), 'schedule', '--once', '--job', 'monitor'], cwd=ini.parent, env=env(), capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0 and 'started' not in r1.stdout and "schedule (UTC): nothing: [schedule] monitor is empty" in r1.stdout, r1.stdout
     r = subprocess.run([str(BIN/'mlkit'), 'schedule', '--once'], cwd=ini.parent, env=env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert '(and 2 missed fire(s), coalesced)' in r.stdout, r.stdout
