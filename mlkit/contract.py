@@ -20,7 +20,9 @@ __all__ = ['column_kind', 'infer_contract', 'features', 'target_classes', 'as_nu
 def column_kind(s:pd.Series, # a column of the data
                )->str:
     "The contract kind of a column: numeric, boolean, categorical or datetime"
-    if pd.api.types.is_bool_dtype(s): return 'boolean'
+    if pd.api.types.is_bool_dtype(s): return 'boolean' # numpy bool, and pandas "boolean" with its missing values
+    if s.dtype == object and len(nn := s.dropna()) and all(isinstance(v, (bool, np.bool_)) for v in pd.unique(nn)):
+        return 'boolean' # True/False with missing values (None, NaN), as a CSV with empty cells reads
     if pd.api.types.is_numeric_dtype(s): return 'numeric'
     if pd.api.types.is_datetime64_any_dtype(s): return 'datetime'
     return 'categorical'

@@ -16,8 +16,8 @@ from .metrics import fmt_num
 from .profile import bin_index, column_profile, distribution, psi, total_variation
 
 # %% auto #0
-__all__ = ['DRIFT_COLUMNS', 'UNIT_FACTORS', 'feature_drift', 'score_drift', 'label_drift', 'drift_over_time', 'serving_skew',
-           'invariants']
+__all__ = ['DRIFT_COLUMNS', 'UNIT_FACTORS', 'feature_drift', 'score_drift', 'label_drift', 'class_mix_drift', 'drift_over_time',
+           'serving_skew', 'invariants']
 
 # %% ../nbs/60_drift.ipynb #291d5aed
 def _check(served:pd.DataFrame, reference:dict, contract:dict, empty_ok:bool=False)->list[str]:
@@ -196,14 +196,14 @@ def _labeled_only(prof:dict)->dict:
     return dict(prof, props=np.r_[props[:-1] / labeled, 0.0].tolist(), count=round(prof['count'] * labeled))
 
 # %% ../nbs/60_drift.ipynb #1bc81770
-def _class_drift(t:str, y:pd.Series, prof:dict, spec:dict, th:tuple, max_shift:float|None, p_value:float)->dict:
+def _class_drift(t:str, y:pd.Series, prof:dict, spec:dict, th:tuple, max_shift:float|None, p_value:float, seen:str='in training')->dict:
     "Drift of the class labels `y` from the labeled-only target profile: chi-square and PSI, an alert too when shares moved `max_shift` (total variation)"
     vc = label_counts(y)
     row = _categorical_row(t, vc, len(y), prof, spec, th)
     shares = lambda p: ', '.join(f"{k} {s:.1%}" for k, s in zip(prof['values'], p))
     after = vc.reindex(prof['values'], fill_value=0).to_numpy(float) / len(y)
     new = vc[~vc.index.isin(prof['values'])]
-    extra = f"; classes unseen in training {', '.join(f'{k!r} ({c / len(y):.1%})' for k, c in new.items())}" if len(new) else ''
+    extra = f"; classes unseen {seen} {', '.join(f'{k!r} ({c / len(y):.1%})' for k, c in new.items())}" if len(new) else ''
     tv = total_variation(np.r_[after, new.sum() / len(y)], prof['props'][:-1])
     if max_shift is not None and tv >= max_shift and row['p_value'] < p_value: row['level'] = 'alert'
     return row | dict(detail=f"{t}: class shares {shares(prof['props'][:-2])} -> {shares(after)}{extra} "
@@ -226,6 +226,24 @@ def label_drift(labels:pd.Series, # labels that arrived as feedback (missing one
     prof = _labeled_only(reference[t])
     if prof['kind'] == 'numeric': return _numeric_row(t, as_floats(y), prof, th)
     return _class_drift(t, y, prof, contract['columns'].get(t, {}), th, max_shift, p_value)
+
+# %% ../nbs/60_drift.ipynb #5746ef40
+def class_mix_drift(served, # served predicted classes (missing ones are left out)
+                    reference, # the same model's predicted classes on reference data (its golden holdout)
+                    psi_warn:float=0.1, # PSI from which a significant change is a warning
+                    psi_alert:float=0.25, # PSI from which a significant change is an alert
+                    p_value:float=0.01, # significance level of the chi-square test
+                    max_shift:float|None=0.1, # class shares moved this much (total variation) and significant is an alert too
+                    name:str='predicted class', # what the row calls the predictions
+                   )->dict:
+    "Prediction drift of a classifier: the served mix of predicted classes against the mix on reference data (PSI, chi-square, total variation)"
+    x, r = pd.Series(served, dtype=object).dropna(), pd.Series(reference, dtype=object).dropna()
+    if not len(r): raise DriftError(f"no reference predictions to compare the served {name} mix with")
+    if not len(x): raise NoDataError(f"no served {name} predictions")
+    prof = _labeled_only(column_profile(r, 'categorical', top=max(len(label_counts(r)), 1)))
+    row = _class_drift(name, x, prof, dict(categories=prof['values']), (psi_warn, psi_alert, p_value), max_shift, p_value, 'in the reference')
+    after = label_counts(x).reindex(prof['values'], fill_value=0).to_numpy(float) / len(x)
+    return row | dict(shares={k: dict(reference=float(a), served=float(b)) for k, a, b in zip(prof['values'], prof['props'], after)})
 
 # %% ../nbs/60_drift.ipynb #ecd3e5bd
 def _window_start(t:pd.Series, freq:str)->pd.Series:

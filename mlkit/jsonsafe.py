@@ -54,10 +54,15 @@ def to_records(v:Any)->Any:
     return finite(json.loads(json.dumps(v, default=_plain_tables)))
 
 # %% ../nbs/03_jsonsafe.ipynb #6fe9318a
+def _plain_or_text(o):
+    "`json.dumps` default of files: numpy values as numbers and lists, anything else as its text"
+    return o.item() if callable(getattr(o, 'item', None)) else o.tolist() if callable(getattr(o, 'tolist', None)) else str(o)
+
 def write_json(path:str|Path, obj)->Path:
-    "Write `obj` as JSON to `path` atomically (temporary file, then rename)"
+    "Write `obj` as strict JSON to `path` atomically (temporary file, then rename); NaN and inf are written as null"
     path = Path(path)
+    text = json.dumps(finite(json.loads(json.dumps(obj, default=_plain_or_text))), indent=2, allow_nan=False)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(text + '\n')
     os.replace(tmp, path)
     return path

@@ -23,13 +23,16 @@ from .jsonsafe import to_records
 from .runs import JobRun, load_champion, run_inline, start, succeed
 from .store import model_info, model_name
 from .metrics import check_metric
+from .contract import target_classes
+from .logrules import check_label
+from .predlog import PredictionLog
 from . import abtest, drift, quality
 
 # %% auto #0
 __all__ = ['LEVELS', 'EXIT_STATUS', 'Finding', 'MonitorRun', 'thresholds', 'holdout_eval', 'begin', 'measure_skew',
-           'measure_feature_drift', 'measure_prediction_drift', 'measure_label_drift', 'measure_drift',
-           'compare_with_holdout', 'measure_quality', 'measure_staleness', 'measure_ab', 'measure_operations',
-           'verdict', 'trigger_retrain', 'finish', 'run_steps']
+           'measure_feature_drift', 'measure_prediction_drift', 'measure_label_drift', 'measure_labels',
+           'measure_drift', 'compare_with_holdout', 'measure_quality', 'measure_staleness', 'measure_ab',
+           'measure_operations', 'verdict', 'trigger_retrain', 'finish', 'run_steps']
 
 # %% ../nbs/63_monitor.ipynb #20a6700e
 LEVELS = dict(ok=0, warn=1, retrain=2)
@@ -39,7 +42,7 @@ EXIT_STATUS = dict(ok=0, warn=4, retrain=5)
 class Finding:
     "One thing the monitoring run found: its level (warn or retrain), its kind, what it is about, and one sentence"
     level: str
-    kind: str # traffic, feature_drift, prediction_drift, label_drift, skew, invariant, quality, staleness, ab, operations
+    kind: str # traffic, feature_drift, prediction_drift, label_drift, skew, invariant, labels, quality, staleness, ab, operations
     subject: str # a feature, a model tag, a variant
     detail: str
 
@@ -100,7 +103,7 @@ def thresholds(settings:Settings, # the project's settings
 
 # %% ../nbs/63_monitor.ipynb #12ab32d6
 def holdout_eval(run:MonitorRun)->dict|None:
-    "The champion on the frozen golden holdout: its scores (the reference of prediction drift) and its metric with a confidence interval"
+    "The champion on the frozen golden holdout: its predictions (the reference of prediction drift) and its metric with a confidence interval"
     rec = run.registry.get_holdout(model_name(run.settings))
     if rec is None or not Path(rec['path']).is_file(): return None
     hold = read_table(rec['path'], run.settings.data.timestamp_column)
@@ -111,8 +114,11 @@ def holdout_eval(run:MonitorRun)->dict|None:
         res = dict(scores=pred, metric=quality.metric_ci(run.metric, y, pred, task='regression'))
     else:
         P = pd.DataFrame(pipe.predict_proba(hold), columns=[str(k) for k in pipe.classes_])
-        p = P.to_numpy()  # scores as `_scores` reads them from the log: the positive class, or the top probability
-        res = dict(scores=p[:, 1] if p.shape[1] == 2 else p.max(axis=1), metric=quality.metric_ci(run.metric, y, P.columns.to_numpy()[p.argmax(axis=1)], P))
+        p = P.to_numpy()
+        pred = P.columns.to_numpy()[p.argmax(axis=1)]
+        # binary: the positive class's probability, as `_scores` reads it from the log; more classes: the predicted classes
+        res = dict(scores=p[:, 1] if p.shape[1] == 2 else None, predicted=pred, mean_proba=P.mean().to_dict(),
+                   metric=quality.metric_ci(run.metric, y, pred, P))
     res['rows'] = len(hold)
     return res
 
@@ -163,11 +169,10 @@ def _freq(times:pd.Series)->str:
     return 'h' if times.max() - times.min() <= pd.Timedelta(days=3) else 'D'
 
 def _scores(rows:pd.DataFrame, classes:list, task:str)->np.ndarray:
-    "One score per logged prediction: the value (regression), the positive class's probability (binary), the top probability"
+    "One score per logged prediction: the value (regression), the positive class's probability (binary)"
     if task == 'regression': return pd.to_numeric(rows['prediction'], errors='coerce').to_numpy(float)
-    cols = [f"proba_{k}" for k in classes if f"proba_{k}" in rows]
-    if len(classes) == 2 and f"proba_{classes[1]}" in rows: return rows[f"proba_{classes[1]}"].to_numpy(float)
-    return rows[cols].max(axis=1).to_numpy(float) if cols else np.array([])
+    col = f"proba_{classes[1]}" if len(classes) == 2 else None
+    return rows[col].to_numpy(float) if col in rows else np.array([])
 
 # %% ../nbs/63_monitor.ipynb #c7ba3bed
 def measure_skew(run:MonitorRun, # the run
@@ -199,20 +204,30 @@ def measure_feature_drift(run:MonitorRun, # the run
     return fd
 
 # %% ../nbs/63_monitor.ipynb #48e6fcde
+def _class_mix(run:MonitorRun, champ:pd.DataFrame, classes:list)->tuple[dict, dict]:
+    "Multiclass prediction drift: the mix of predicted classes against the holdout's, with each class's mean probability beside it"
+    th, ref = run.thresholds, run.holdout['predicted']
+    res = drift.class_mix_drift(champ['prediction'], ref, th['psi_warn'], th['psi_alert'], th['p_value'])
+    res['mean_proba'] = {k: dict(reference=run.holdout['mean_proba'].get(k),
+                                 served=float(champ[f"proba_{k}"].mean()) if f"proba_{k}" in champ else None) for k in classes}
+    return res, dict(served=champ['prediction'].to_numpy(), reference=ref, kind='classes')
+
 def measure_prediction_drift(run:MonitorRun, # the run
                              rows:pd.DataFrame, # served rows of the log
                             )->tuple[dict|None, dict|None]:
-    "The champion's live scores against its scores on the golden holdout: (the test, the two score arrays); Nones without enough rows or a holdout"
+    "The champion's live predictions against its predictions on the golden holdout: (the test, the two arrays); Nones without enough rows or a holdout"
     th = run.thresholds
     champ = rows[(rows['variant'] == 'champion').to_numpy() & (rows['model_tag'] == run.champion['tag']).to_numpy()]
     if run.holdout is None or len(champ) < th['min_rows']: return None, None
-    ref = run.holdout['scores']
     classes = [str(k) for k in getattr(run.champion_pipe, 'classes_', [])]
-    served = _scores(champ, classes, run.champion_meta['contract']['task'])
-    res = drift.score_drift(served, ref, th['psi_warn'], th['psi_alert'], th['p_value'])
+    task = run.champion_meta['contract']['task']
+    if task == 'classification' and len(classes) > 2: res, arrays = _class_mix(run, champ, classes)
+    else:  # regression: the predicted value; binary: the positive class's probability
+        ref, served = run.holdout['scores'], _scores(champ, classes, task)
+        res, arrays = drift.score_drift(served, ref, th['psi_warn'], th['psi_alert'], th['p_value']), dict(served=served, reference=ref, kind='scores')
     if res['level'] != 'ok':
         run.add('retrain' if res['level'] == 'alert' else 'warn', 'prediction_drift', run.champion['tag'], f"prediction drift: {res['detail']}")
-    return res, dict(served=served, reference=ref)
+    return res, arrays
 
 # %% ../nbs/63_monitor.ipynb #00980f81
 def measure_label_drift(run:MonitorRun, # the run
@@ -227,6 +242,35 @@ def measure_label_drift(run:MonitorRun, # the run
     res = drift.label_drift(labels, run.profile, c, th['psi_warn'], th['psi_alert'], th['p_value'])
     if res['level'] != 'ok':
         run.add('retrain' if res['level'] == 'alert' else 'warn', 'label_drift', c['target'], f"label drift: {res['detail']}")
+    return res
+
+# %% ../nbs/63_monitor.ipynb #50eb5d50
+def _label_rows(run:MonitorRun, plog:PredictionLog)->list:
+    "The labels that arrived for the requests answered in the window (not shadow, status below 400), as their JSON values"
+    out = []
+    for ch in plog.read(run.since, run.until, chunksize=200_000, with_features=False):
+        keep = (~ch['shadow'].to_numpy(bool)) & (ch['status'].to_numpy() < 400) & ch['label_at'].notna().to_numpy()
+        out += ch.loc[keep, 'label'].tolist()
+    return out
+
+def measure_labels(run:MonitorRun, # the run
+                   plog:PredictionLog, # the prediction log the window is read from
+                  )->dict:
+    "Labels that arrived in the window but cannot be scored against the champion (unknown class, NaN, wrong type): how many and why; a `warn`"
+    c = run.champion_meta['contract']
+    classes = target_classes(c) or [str(k) for k in getattr(run.champion_pipe, 'classes_', [])] or None
+    labels, seen = _label_rows(run, plog), {}
+    for v in labels:  # per distinct value: True and 1 are two values here
+        key = (type(v).__name__, repr(v))
+        if key not in seen: seen[key] = [check_label(v, c['task'], classes), 0]
+        seen[key][1] += 1
+    bad = sorted(([n, why] for why, n in seen.values() if why), key=lambda t: -t[0])
+    k = sum(n for n, _ in bad)
+    res = dict(arrived=len(labels), unusable=k, problems=[dict(rows=n, reason=why) for n, why in bad], detail=None)
+    if k:
+        res['detail'] = (f"{k:,} of {len(labels):,} labels could not be used: " + '; '.join(f"{n:,} × {why}" for n, why in bad[:3])
+                         + (f"; and {len(bad) - 3} more kinds" if len(bad) > 3 else '') + "; fix the labels sent to /feedback")
+        run.add('warn', 'labels', c['target'], res['detail'])
     return res
 
 # %% ../nbs/63_monitor.ipynb #f263fa74

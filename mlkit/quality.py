@@ -69,9 +69,11 @@ def _auc(y:np.ndarray, P:np.ndarray)->tuple[float|None, float|None]:
     return float(np.mean(aucs)), float(np.sqrt((psi**2).sum()))
 
 # %% ../nbs/61_quality.ipynb #54fb272e
-def _f1(y:np.ndarray, p:np.ndarray, K:int, axis=None):
-    "F1 of the positive class (binary) or macro F1 over all `K` classes; works along `axis` for bootstrap draws"
-    ks = [1] if K == 2 else range(K)
+def _f1(y:np.ndarray, p:np.ndarray, K:int, axis=None,
+        ks=None, # the classes of the macro average (default: all `K`)
+       ):
+    "F1 of the positive class (binary) or macro F1 over the classes `ks`; works along `axis` for bootstrap draws"
+    ks = [1] if K == 2 else range(K) if ks is None else ks
     res = 0.
     for k in ks:
         tp = ((y == k) & (p == k)).sum(axis); fp = ((y != k) & (p == k)).sum(axis); fn = ((y == k) & (p != k)).sum(axis)
@@ -123,11 +125,12 @@ def _auc_ci(y:np.ndarray, p, P:np.ndarray, alpha:float)->tuple:
 
 # %% ../nbs/61_quality.ipynb #3e8c8551
 def _f1_ci(y:np.ndarray, p:np.ndarray, P:np.ndarray|None, alpha:float)->tuple:
-    "F1 (binary: of class 1; else macro over the classes) with a bootstrap interval"
+    "F1 (binary: of class 1; else macro over the classes present in the labels) with a bootstrap interval"
     K = P.shape[1] if P is not None else int(max(y.max(), p.max())) + 1
-    value = float(_f1(y, p, K))
+    ks = np.unique(y).tolist() # scikit-learn's f1_score(y, p, labels=<classes in y>, average='macro'): a class absent from a slice's labels is no zero
+    value = float(_f1(y, p, K, ks=ks))
     lo = hi = se = np.nan
-    if len(y) > 1: lo, hi, se = _bootstrap(lambda a, b, axis=None: _f1(a, b, K, axis), (y, p), value, alpha)
+    if len(y) > 1: lo, hi, se = _bootstrap(lambda a, b, axis=None: _f1(a, b, K, axis, ks), (y, p), value, alpha)
     return value, lo, hi, se, 'bootstrap', None
 
 # %% ../nbs/61_quality.ipynb #f0eaf84c

@@ -11,15 +11,26 @@ from matplotlib.figure import Figure
 from .profile import distribution
 
 # %% auto #0
-__all__ = ['plot_distributions', 'plot_drift_over_time', 'plot_scores', 'plot_quality', 'plot_ab', 'plot_latency', 'as_png']
+__all__ = ['plot_distributions', 'plot_drift_over_time', 'plot_scores', 'plot_class_mix', 'plot_predictions', 'plot_quality',
+           'plot_ab', 'plot_latency', 'as_png']
 
 # %% ../nbs/64_report.ipynb #84356cf6
-def _bin_labels(prof:dict)->list[str]:
+def _cut(v, n:int=80)->str:
+    "`v` as text, cut to `n` characters with '…' (a 100,000-character value must not fill a report)"
+    s = str(v)
+    return s if len(s) <= n else s[:n - 1] + '…'
+
+def _edge(v:float)->str:
+    "A bin edge as a label: whole numbers and numbers from 1,000 to 1e6 as integers (years read 2013, not 2.01e+03), others with 3 significant digits"
+    return str(int(round(v))) if abs(v) < 1e15 and (float(v).is_integer() or 1000 <= abs(v) < 1e6) else f"{v:.3g}"
+
+def _bin_labels(prof:dict, width:int=24)->list[str]:
+    "Labels of a profile's bins: ranges of numbers, or the values (cut to `width` characters), then other and missing"
     if prof['kind'] == 'numeric':
         e = prof['edges']
         if not e: return ['all', 'missing']
-        return [f"<{e[0]:.3g}"] + [f"{a:.3g}–{b:.3g}" for a, b in zip(e[:-1], e[1:])] + [f"≥{e[-1]:.3g}", 'missing']
-    return [str(v) for v in prof['values']] + ['other', 'missing']
+        return [f"<{_edge(e[0])}"] + [f"{_edge(a)}–{_edge(b)}" for a, b in zip(e[:-1], e[1:])] + [f"≥{_edge(e[-1])}", 'missing']
+    return [_cut(v, width) for v in prof['values']] + ['other', 'missing']
 
 # %% ../nbs/64_report.ipynb #95301b7a
 def plot_distributions(profile:dict, # training profile of the reference model
@@ -27,9 +38,11 @@ def plot_distributions(profile:dict, # training profile of the reference model
                        order:list|None=None, # features to show, in this order (default: the profile's)
                        max_features:int=20, # at most this many panels
                        cols:int=4, # panels per row
+                       reference:str='training', # what the legend calls the reference
                       ):
     "Small multiples: each feature's share per bin in the training data and in the served traffic"
-    feats = [f for f in (order or list(profile)) if f in profile and f in X][:max_features]
+    every = [f for f in (order or list(profile)) if f in profile and f in X]
+    feats = every[:max_features]
     rows = max(1, -(-len(feats) // cols))
     fig = Figure(figsize=(4 * cols, 2.8 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -40,26 +53,44 @@ def plot_distributions(profile:dict, # training profile of the reference model
         keep = (ref > 0) | (got > 0)
         keep[-1] = keep[-1] and (ref[-1] > 0 or got[-1] > 0)
         x, labels = np.arange(keep.sum()), np.array(_bin_labels(prof))[keep]
-        ax.bar(x - 0.2, ref[keep], 0.4, label='training', color='#4c72b0')
+        ax.bar(x - 0.2, ref[keep], 0.4, label=reference, color='#4c72b0')
         ax.bar(x + 0.2, got[keep], 0.4, label='served', color='#dd8452')
-        ax.set_title(f, fontsize=10)
+        ax.set_title(_cut(f, 40), fontsize=10)
         ax.set_xticks(x, labels, rotation=60, ha='right', fontsize=7)
         ax.tick_params(axis='y', labelsize=7)
     if feats: axes.flat[0].legend(fontsize=8)
+    if len(every) > len(feats): fig.suptitle(f"the first {len(feats)} of {len(every)} features; and {len(every) - len(feats)} more in the table above", fontsize=9)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/64_report.ipynb #aad602fd
+def _window(freq:str|None)->pd.Timedelta:
+    "The length of a window of pandas frequency `freq` (an hour when unknown; calendar ones: their usual length)"
+    try: return pd.Timedelta(pd.tseries.frequencies.to_offset(freq or 'h'))
+    except (ValueError, TypeError): return pd.Timedelta(days={'W': 7, 'M': 30, 'MS': 30, 'ME': 30}.get(str(freq), 1))
+
+def _time_axis(ax, times, freq:str|None=None):
+    "An x-axis that shows the windows: with one window, that window and one either side (matplotlib would span years)"
+    t = pd.DatetimeIndex(pd.to_datetime(pd.Series(times).dropna())).unique()
+    if len(t) == 1: ax.set_xlim(t[0] - _window(freq), t[0] + 2 * _window(freq))
+
+def _more(ax, shown:int, total:int, what:str):
+    "A legend entry naming what the plot leaves out: 'and 4 more features'"
+    if total > shown: ax.plot([], [], ' ', label=f"and {total - shown} more {what}")
+
 def plot_drift_over_time(psi:pd.DataFrame, # windows x features, PSI values (`mlkit.drift.drift_over_time`)
                          warn:float, alert:float, # PSI thresholds, drawn as lines
-                         top:int=8, # the features with the largest PSI
+                         top:int=8, # the features with the largest PSI are drawn and named; the legend counts the others
+                         freq:str|None=None, # the windows' length, a pandas frequency (for the axis of a single window)
                         ):
     "PSI of each feature per time window, with the warn and alert levels"
     fig = Figure(figsize=(10, 3.5)); ax = fig.subplots()
     if psi is not None and len(psi):
         worst = psi.max().sort_values(ascending=False).index[:top]
-        for f in worst: ax.plot(psi.index, psi[f], marker='o', ms=3, label=f)
+        for f in worst: ax.plot(psi.index, psi[f], marker='o', ms=3, label=_cut(f, 40))
+        _more(ax, len(worst), psi.shape[1], 'features (lower PSI)')
         ax.legend(fontsize=8, ncol=2)
+        _time_axis(ax, psi.index, freq)
     else: ax.text(0.5, 0.5, 'not enough traffic per window', ha='center', transform=ax.transAxes)
     ax.axhline(warn, color='orange', ls='--', lw=1); ax.axhline(alert, color='red', ls='--', lw=1)
     ax.set_ylabel('PSI'); ax.set_title('Feature drift over time')
@@ -78,10 +109,37 @@ def plot_scores(reference:np.ndarray, served:np.ndarray, # the model's scores on
     fig.tight_layout()
     return fig
 
+def plot_class_mix(reference, served, # the model's predicted classes on the golden holdout, and live
+                   top:int=20, # classes drawn by name, the most frequent on the holdout first; the others as one bar
+                  ):
+    "The mix of predicted classes: the share of each class on the golden holdout and in served traffic"
+    r, s = (pd.Series(v, dtype=object).dropna().astype(str) for v in (reference, served))
+    ref, got = r.value_counts(normalize=True), s.value_counts(normalize=True)
+    names = list(ref.index) + [k for k in got.index if k not in ref.index]
+    shown, rest = names[:top], names[top:]
+    a = np.array([ref.get(k, 0.) for k in shown] + ([ref.reindex(rest).fillna(0).sum()] if rest else []))
+    b = np.array([got.get(k, 0.) for k in shown] + ([got.reindex(rest).fillna(0).sum()] if rest else []))
+    labels = [_cut(k, 24) for k in shown] + ([f"{len(rest)} more"] if rest else [])
+    fig = Figure(figsize=(7, 3)); ax = fig.subplots()
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, a, 0.4, label='golden holdout', color='#4c72b0'); ax.bar(x + 0.2, b, 0.4, label='served', color='#dd8452')
+    ax.set_xticks(x, labels, rotation=30 if len(labels) > 6 else 0, ha='right' if len(labels) > 6 else 'center', fontsize=8)
+    ax.set_ylabel('share of predictions'); ax.legend(fontsize=8); ax.set_title('Predicted classes')
+    fig.tight_layout()
+    return fig
+
+def plot_predictions(arrays:dict, # from `mlkit.monitor.measure_prediction_drift`: served, reference, kind ('scores' or 'classes')
+                    ):
+    "The plot of prediction drift: the mix of predicted classes (more than two classes), else the distribution of scores"
+    if arrays.get('kind') == 'classes': return plot_class_mix(arrays['reference'], arrays['served'])
+    return plot_scores(np.asarray(arrays['reference'], float), np.asarray(arrays['served'], float))
+
 # %% ../nbs/64_report.ipynb #4c58f2a9
 def plot_quality(by_window:pd.DataFrame, # one row per window: the window start and value, low, high, labeled_share
                  offline:float|None, metric:str, # the model's metric on the golden holdout, drawn as a line
-                 time_col:str='window'):
+                 time_col:str='window',
+                 freq:str|None=None, # the windows' length, a pandas frequency (for the axis of a single window)
+                ):
     "The metric on labeled traffic per window, its confidence band, and the share of predictions labeled"
     fig = Figure(figsize=(10, 4.5))
     ax, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
@@ -91,7 +149,8 @@ def plot_quality(by_window:pd.DataFrame, # one row per window: the window start 
         t = pd.to_datetime(d[time_col])
         ax.plot(t, d['value'], marker='o', ms=3, label=f'{metric} on labeled traffic')
         ax.fill_between(t, d['low'].astype(float), d['high'].astype(float), alpha=0.25, label='95% interval')
-        ax2.bar(t, d['labeled_share'], width=0.8 * (t.diff().median() if len(t) > 1 else pd.Timedelta(hours=1)), color='grey')
+        ax2.bar(t, d['labeled_share'], width=0.8 * (t.diff().median() if len(t) > 1 else _window(freq)), color='grey')
+        _time_axis(ax, t, freq)
     else: ax.text(0.5, 0.5, 'no labels yet', ha='center', transform=ax.transAxes)
     if offline is not None: ax.axhline(offline, color='green', ls='--', lw=1, label='offline (golden holdout)')
     ax.set_ylabel(metric); ax.legend(fontsize=8); ax.set_title('Quality with delayed labels')
@@ -121,12 +180,15 @@ def plot_latency(rows:pd.DataFrame, # log rows: ts, variant, shadow, latency_ms
     "Model latency p50 and p99 per variant over time"
     fig = Figure(figsize=(10, 3)); ax = fig.subplots()
     if len(rows):
+        windows = []
         for (variant, shadow), g in rows.groupby(['variant', 'shadow']):
             q = g.set_index('ts')['latency_ms'].resample(freq).quantile([0.5, 0.99]).unstack()
             name = f"{variant}{' (shadow)' if shadow else ''}"
             ax.plot(q.index, q[0.5], marker='o', ms=3, label=f"{name} p50")
             ax.plot(q.index, q[0.99], ls='--', label=f"{name} p99")
+            windows += list(q.index)
         ax.legend(fontsize=8)
+        _time_axis(ax, windows, freq)
     ax.set_ylabel('ms'); ax.set_title('Model latency per batch')
     fig.autofmt_xdate(); fig.tight_layout()
     return fig
