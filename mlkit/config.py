@@ -92,7 +92,9 @@ class TrainSettings:
 class GateSettings:
     "`[gate]`: what a new model must pass before it becomes champion"
     primary_metric: str = key('roc_auc', "metric that decides promotion (roc_auc, accuracy, f1, log_loss, rmse, mae, r2)")
-    tolerance: float = key(0.01, "largest allowed drop of the primary metric versus the champion on the golden holdout", _share)
+    tolerance: float = key(0.01, "largest drop of any metric versus the champion on the golden holdout that is always allowed (the primary metric and the others of the task)", _share)
+    min_holdout_rows: int = key(200, "golden holdout rows from which a larger drop is allowed when its bootstrap interval reaches zero (the holdout cannot tell it from noise); a smaller holdout allows max_relative_drop instead", _count)
+    max_relative_drop: float = key(0.02, "on a golden holdout smaller than min_holdout_rows: largest allowed drop of a metric as a share of the champion's value (when larger than tolerance)", _share)
     baseline_margin: float = key(0.02, "how much the model must beat a trivial baseline by", _share)
     max_label_shift: float = key(0.10, "largest allowed change of the label distribution (total variation)", _share)
     max_feature_psi: float = key(0.25, "largest allowed PSI of any feature versus the champion's training data", _positive)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, asdict
 from datetime import datetime, timedelta, timezone
 
+import math
 import numpy as np
 import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
@@ -14,12 +15,12 @@ from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 
 from .contract import ContractReport, features
 from .profile import distribution, psi_by_column, target_values, total_variation
-from .metrics import fmt_num, improvement
+from .metrics import CLASSIFICATION_METRICS, METRICS, fmt_num, improvement
 from .train import build_pipeline
 
 # %% auto #0
-__all__ = ['Check', 'label_shift', 'feature_shift', 'duplicate_rows', 'out_of_contract', 'label_noise', 'label_noise_check',
-           'poisoning_checks', 'gate_decision', 'rate_limit']
+__all__ = ['RESIDUAL_SDS', 'NOISE_MAX_ROWS', 'Check', 'label_shift', 'feature_shift', 'duplicate_rows', 'out_of_contract',
+           'label_noise', 'noise_reference', 'label_noise_check', 'poisoning_checks', 'gate_decision', 'rate_limit']
 
 # %% ../nbs/14_guards.ipynb #0a6af738
 @dataclass
@@ -97,11 +98,19 @@ def _contradicted(y:pd.Series, proba:np.ndarray, classes:np.ndarray, confidence:
     return float((p_label < 1 - confidence).mean())
 
 # %% ../nbs/14_guards.ipynb #49b54cd2
-def _outlying_residuals(y:pd.Series, pred:np.ndarray)->float:
-    "Share of residuals more than 4 robust standard deviations (1.4826 MAD) from their median"
+RESIDUAL_SDS = 3 # a residual further than this many robust standard deviations from the median is outlying
+NOISE_MAX_ROWS = 20000 # label noise is measured on at most this many rows (a sample of larger data)
+
+def _robust_scale(res:np.ndarray)->float:
+    "1.4826 times the median absolute deviation of `res`: its standard deviation when normal, unmoved by outliers"
+    return float(1.4826 * np.median(np.abs(res - np.median(res)))) if len(res) else 0.0
+
+def _outlying_residuals(y:pd.Series, pred:np.ndarray, scale:float|None=None)->float:
+    "Share of residuals more than `RESIDUAL_SDS` robust standard deviations from their median; the scale is `scale` (a reference's) or their own"
     res = y.to_numpy(float) - pred
-    mad = 1.4826 * np.median(np.abs(res - np.median(res))) or 1e-12
-    return float((np.abs(res - np.median(res)) / mad > 4).mean())
+    scale = (_robust_scale(res) if scale is None else scale) or 1e-12
+    return float((np.abs(res - np.median(res)) / scale > RESIDUAL_SDS).mean())
+
 
 # %% ../nbs/14_guards.ipynb #b06b2ff9
 def label_noise(df:pd.DataFrame, # labeled rows
@@ -110,7 +119,8 @@ def label_noise(df:pd.DataFrame, # labeled rows
                 seed:int=0, # random seed of the cross-validation
                 confidence:float=0.8, # how sure the model must be to count a disagreement
                 folds:int=3, # cross-validation folds
-                max_rows:int=20000, # larger data is sampled
+                max_rows:int=NOISE_MAX_ROWS, # larger data is sampled
+                scale:float|None=None, # regression: robust scale residuals are measured by (the champion's on its golden holdout); None = their own
                )->float:
     "Estimated share of rows whose label a trusted model confidently contradicts"
     df = df[df[contract['target']].notna()]
@@ -119,23 +129,56 @@ def label_noise(df:pd.DataFrame, # labeled rows
     y = df[contract['target']]
     if contract['task'] == 'regression':
         pred = model.predict(df) if model is not None else cross_val_predict(_quick_model(contract, seed), df, y, cv=KFold(folds, shuffle=True, random_state=seed))
-        return _outlying_residuals(y, pred)
+        return _outlying_residuals(y, pred, scale)
     if model is not None: return _contradicted(y, model.predict_proba(df), np.asarray(model.classes_), confidence)
     if y.value_counts().min() < folds: return 0.0
     proba = cross_val_predict(_quick_model(contract, seed), df, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method='predict_proba')
     return _contradicted(y, proba, np.sort(y.unique()), confidence)
 
+
+# %% ../nbs/14_guards.ipynb #e2e5d16a
+def noise_reference(holdout:pd.DataFrame, # the golden holdout: rows `model` never trained on
+                    contract:dict, # data contract
+                    model, # the fitted pipeline being registered
+                    seed:int=0, # random seed of the sample of a large holdout
+                   )->dict:
+    "The baseline later batches are compared with: `model`'s label noise on its golden holdout, the rows counted and (regression) the robust scale of its residuals there"
+    rows = holdout[holdout[contract['target']].notna()]
+    if len(rows) > NOISE_MAX_ROWS: rows = rows.sample(NOISE_MAX_ROWS, random_state=seed)
+    ref = dict(share=0.0, n=len(rows))
+    if contract['task'] == 'regression':
+        ref['scale'] = _robust_scale(rows[contract['target']].to_numpy(float) - model.predict(rows)) if len(rows) else 0.0
+    ref['share'] = label_noise(rows, contract, model, seed, scale=ref.get('scale'))
+    return ref
+
+def _as_reference(baseline:float|dict|None)->dict|None:
+    "A stored baseline as a dict: older champions stored the share alone, as a float"
+    if baseline is None or isinstance(baseline, dict): return baseline
+    return dict(share=float(baseline))
+
+
 # %% ../nbs/14_guards.ipynb #210e8f86
+def _share_var(p:float, n:int)->float:
+    "Binomial variance of a share `p` measured on `n` rows, with a pseudo-count each way so that 0% is not certain"
+    q = (p * n + 1) / (n + 2)
+    return q * (1 - q) / n
+
 def label_noise_check(noise:float, # `label_noise` of the new data, by the champion
-                      baseline:float|None, # the champion's label noise on its golden holdout (None: no champion)
+                      baseline:float|dict|None, # `noise_reference` of the champion (a float in older registries; None: no champion)
                       max_increase:float, # `[gate] max_label_noise_increase`
+                      n:int|None=None, # rows `noise` was measured on (None: its sampling noise is not counted)
                      )->Check:
-    "Label noise must not rise over the champion's baseline by more than `max_increase`"
+    "Label noise must not rise over the champion's baseline by more than `max_increase`, nor by more than 1.96 standard errors of the difference"
     if baseline is None: return Check('label_noise', noise, None, True, f"estimated label noise {noise:.2%} (no champion to compare with)")
-    rise = noise - baseline
-    return Check('label_noise', rise, max_increase, rise <= max_increase,
-                 f"the champion contradicts {noise:.2%} of the labels vs {baseline:.2%} on its golden holdout "
-                 f"({rise:+.2%}, limit +{max_increase:.2%})")
+    ref = _as_reference(baseline)
+    rise, sides = noise - ref['share'], [(noise, n), (ref['share'], ref.get('n'))]
+    noise_limit = 1.96 * math.sqrt(sum(_share_var(p, m) for p, m in sides if m))
+    limit = max(max_increase, noise_limit)
+    rows = lambda m: f" of {m} rows" if m else ''
+    return Check('label_noise', rise, limit, rise <= limit,
+                 f"the champion contradicts {noise:.2%} of the labels{rows(n)} vs {ref['share']:.2%}{rows(ref.get('n'))} on its golden holdout "
+                 f"({rise:+.2%}, limit +{limit:.2%}: refused only past both +{max_increase:.2%} and 1.96 standard errors of the difference, {noise_limit:.2%})")
+
 
 # %% ../nbs/14_guards.ipynb #030c65ba
 def poisoning_checks(df:pd.DataFrame, # the new training data
@@ -144,16 +187,18 @@ def poisoning_checks(df:pd.DataFrame, # the new training data
                      gate, # `settings.gate`
                      reference:dict|None=None, # the champion's training profile
                      champion=None, # the champion's pipeline (None: first model)
-                     noise_baseline:float|None=None, # the champion's label noise on its golden holdout
+                     noise_baseline:float|dict|None=None, # `noise_reference` of the champion (a float in older registries)
                      seed:int=0, # random seed of the label-noise cross-validation (first model)
                     )->tuple[list[Check], float]:
     "Run every poisoning and integrity check; return the checks and the label-noise estimate"
-    noise = label_noise(df, contract, champion, seed)
+    base = _as_reference(noise_baseline) if champion is not None else None
+    noise = label_noise(df, contract, champion, seed, scale=(base or {}).get('scale'))
+    n = min(int(df[contract['target']].notna().sum()), NOISE_MAX_ROWS)
     checks = [label_shift(df, contract, reference, gate.max_label_shift),
               feature_shift(df, contract, reference, gate.max_feature_psi),
               duplicate_rows(df, contract, gate.max_duplicate_rate),
               out_of_contract(report, gate.max_out_of_contract),
-              label_noise_check(noise, noise_baseline if champion is not None else None, gate.max_label_noise_increase)]
+              label_noise_check(noise, base, gate.max_label_noise_increase, n)]
     return checks, noise
 
 # %% ../nbs/14_guards.ipynb #8187d62c
@@ -167,16 +212,40 @@ def _rejections(checks:list[Check], metric:str, candidate:dict, baseline:dict, g
     return reasons
 
 # %% ../nbs/14_guards.ipynb #e4f3855d
+def _interval(comparison:dict|None, metric:str)->dict:
+    "The bootstrap interval of `metric` in `comparison` (`mlkit.train.compare`): per metric, or at the top level for the compared one"
+    if not comparison: return {}
+    if metric in (comparison.get('metrics') or {}): return comparison['metrics'][metric]
+    return comparison if comparison.get('metric', metric) == metric else {}
+
+def _metric_drop(metric:str, candidate:dict, champion:dict, gate, comparison:dict|None, rows:int|None)->tuple[str, str]:
+    "('hold', reason) when `metric` is worse than the champion's past the `[gate]` limits, ('noise', note) for a larger drop the holdout's noise allows, ('', '') otherwise"
+    new, old = candidate.get(metric), champion.get(metric)
+    delta = improvement(metric, new, old)
+    if delta is None: return '', ''
+    small = rows is None or rows < gate.min_holdout_rows
+    allowed = max(gate.tolerance, gate.max_relative_drop * abs(old)) if small else gate.tolerance
+    if delta >= -allowed: return '', ''
+    ci = _interval(comparison, metric)
+    lo, hi = ci.get('ci_low'), ci.get('ci_high')
+    interval = f"95% interval of the difference [{lo:+.4g}, {hi:+.4g}]" if lo is not None and hi is not None else ''
+    if not small and hi is not None and hi >= 0:
+        return 'noise', f"{metric} {fmt_num(new)} vs champion {fmt_num(old)}: a drop within the holdout's noise ({interval.replace(' of the difference', '')})"
+    why = (f"allowed {allowed:.4g}: tolerance {gate.tolerance:g} or {gate.max_relative_drop:g} of the champion's value; "
+           f"{'a holdout of unknown size' if rows is None else f'{rows} holdout rows'}, fewer than [gate] min_holdout_rows = {gate.min_holdout_rows}, "
+           f"so the holdout's noise excuses no more" if small else f"tolerance {gate.tolerance:g}{', ' + interval if interval else ''}")
+    return 'hold', f"{metric} on the golden holdout {fmt_num(new)} is worse than the champion's {fmt_num(old)} by {-delta:.4g} ({why})"
+
 def _against_champion(metric:str, candidate:dict, champion:dict, gate, comparison:dict|None)->dict:
-    "promote or challenger, for a candidate that passed every check: is it worse than the champion beyond `gate.tolerance` and the noise?"
-    new, old = fmt_num(candidate.get(metric)), fmt_num(champion.get(metric))
-    delta = improvement(metric, candidate.get(metric), champion.get(metric))
-    if delta is None or delta >= -gate.tolerance: return dict(decision='promote', reasons=[f"{metric} {new} vs champion {old}; all checks passed"])
-    if comparison is None or comparison.get('ci_high') is None or comparison['ci_high'] < 0: # a drop the holdout can tell from its noise
-        ci = f", 95% interval of the difference [{comparison['ci_low']:+.4g}, {comparison['ci_high']:+.4g}]" if comparison and comparison.get('ci_low') is not None else ''
-        return dict(decision='challenger', reasons=[f"{metric} on the golden holdout {new} is worse than the champion's {old} by {-delta:.4g} (tolerance {gate.tolerance:g}{ci})"])
-    return dict(decision='promote', reasons=[f"{metric} {new} vs champion {old}: a drop within the holdout's noise "
-                                             f"(95% interval [{comparison['ci_low']:+.4g}, {comparison['ci_high']:+.4g}]); all checks passed"])
+    "promote or challenger, for a candidate that passed every check: is any metric worse than the champion's past the `[gate]` limits?"
+    rows = (comparison or {}).get('n', candidate.get('n'))
+    others = [m for m in METRICS['classification' if metric in CLASSIFICATION_METRICS else 'regression'] if m != metric]
+    verdicts = [(m, *_metric_drop(m, candidate, champion, gate, comparison, rows)) for m in [metric, *others]]
+    if held := [r for _, v, r in verdicts if v == 'hold']: return dict(decision='challenger', reasons=held)
+    notes = {m: r for m, v, r in verdicts if v == 'noise'}
+    first = notes.pop(metric, f"{metric} {fmt_num(candidate.get(metric))} vs champion {fmt_num(champion.get(metric))}")
+    return dict(decision='promote', reasons=[f"{first}; all checks passed", *notes.values()])
+
 
 # %% ../nbs/14_guards.ipynb #89ad8e85
 def gate_decision(checks:list[Check], # poisoning and integrity checks

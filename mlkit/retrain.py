@@ -17,7 +17,7 @@ from .contract import ContractReport, check_contract, infer_contract, features
 from .data import file_sha256, fingerprint, read_table
 from .db import utcnow
 from .errors import DataError, RetrainRefused
-from .guards import Check, gate_decision, label_noise, poisoning_checks, rate_limit
+from .guards import Check, gate_decision, noise_reference, poisoning_checks, rate_limit
 from .jsonsafe import write_json
 from .metrics import check_metric
 from .preflight import parse_timestamps, preflight
@@ -153,14 +153,20 @@ def golden_holdout(run:RetrainRun, df:pd.DataFrame, contract:dict, share:float=0
     return hold, rest
 
 # %% ../nbs/40_retrain.ipynb #d3acb5f8
-def check_poisoning(run:RetrainRun, df:pd.DataFrame, contract:dict, report:ContractReport)->tuple[list[Check], float]:
-    "Poisoning and integrity checks against the champion's training profile"
+def check_poisoning(run:RetrainRun, df:pd.DataFrame, contract:dict, report:ContractReport,
+                    holdout:pd.DataFrame|None=None, # the golden holdout: an older champion's label-noise baseline is measured again on it
+                   )->tuple[list[Check], float]:
+    "Poisoning and integrity checks against the champion's training profile and label-noise baseline"
     meta = run.champion_meta or {}
+    base = meta.get('label_noise')
+    if run.champion_pipe is not None and holdout is not None and not isinstance(base, dict):  # older champions stored the share alone
+        base = noise_reference(holdout, contract, run.champion_pipe, run.settings.train.seed)
     checks, noise = poisoning_checks(df, contract, report, run.settings.gate, meta.get('profile'), run.champion_pipe,
-                                     meta.get('label_noise'), run.settings.train.seed)
+                                     base, run.settings.train.seed)
     run.summary['checks'] = [c.as_dict() for c in checks]
     run.summary['label_noise'] = noise
     return checks, noise
+
 
 # %% ../nbs/40_retrain.ipynb #34b8d0a1
 def train(run:RetrainRun, df:pd.DataFrame, contract:dict, model:str='', seed:int|None=None, hyperparameters:dict|None=None):
@@ -204,7 +210,7 @@ def versions()->dict:
 def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contract:dict, metrics:dict)->str:
     "Save the pipeline with its lineage into the model store and the registry (as a challenger); return its tag"
     s = run.settings
-    noise = label_noise(holdout, contract, pipe)  # the baseline later batches are compared with
+    noise = noise_reference(holdout, contract, pipe, s.train.seed)  # the baseline later batches are compared with
     meta = dict(run_id=run.run_id, task=contract['task'], target=contract['target'], features=features(contract),
                 primary_metric=run.metric, metrics=metrics,
                 params=run.summary.get('model', {}), data=run.summary['data'], contract=contract,

@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .contract import coerce_features, features
 from .errors import SettingsError, TrainError
-from .metrics import check_metric, improvement, score
+from .metrics import METRICS, check_metric, improvement, score
 
 # %% auto #0
 __all__ = ['MODELS', 'ContractCaster', 'make_estimator', 'build_pipeline', 'split', 'fit', 'evaluate', 'slice_metrics',
@@ -213,23 +213,28 @@ def compare(new:Pipeline, # the candidate
             old:Pipeline, # the model to compare with (the champion)
             df:pd.DataFrame, # rows both are scored on (the golden holdout); rows without a label are left out
             contract:dict, # the data contract
-            metric:str, # the metric compared
+            metric:str, # the metric given at the top level (the primary metric)
             n_boot:int=300, # bootstrap draws
             seed:int=0, # random seed of the draws
            )->dict:
-    "Paired bootstrap of `metric` (new minus old, oriented so positive is better) on the labeled rows of `df`"
-    df = _labeled(df, contract)
-    y, task = df[contract['target']].to_numpy(), contract['task']
+    "Paired bootstrap of every metric of the task (new minus old, oriented so positive is better) on the labeled rows of `df`"
+    df, task = _labeled(df, contract), contract['task']
+    check_metric(metric, task)
+    if len(df) == 0: raise TrainError("no labeled rows to compare the two models on")
+    y = df[contract['target']].to_numpy()
     a, b = _outputs(new, df, contract), _outputs(old, df, contract)
-    def m(out, idx):
-        pred, proba, classes = out
-        return score(y[idx], pred[idx], None if proba is None else proba[idx], classes, task).get(metric)
-    full = np.arange(len(y))
-    delta = improvement(metric, m(a, full), m(b, full))
-    rng, deltas = np.random.default_rng(seed), []
+    def deltas(idx):
+        (pa, qa, classes), (pb, qb, _) = a, b
+        sa = score(y[idx], pa[idx], None if qa is None else qa[idx], classes, task)
+        sb = score(y[idx], pb[idx], None if qb is None else qb[idx], classes, task)
+        return {m: improvement(m, sa.get(m), sb.get(m)) for m in METRICS[task]}
+    full = deltas(np.arange(len(y)))
+    rng, draws = np.random.default_rng(seed), {m: [] for m in METRICS[task]}
     for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        d = improvement(metric, m(a, idx), m(b, idx))
-        if d is not None: deltas.append(d)
-    lo, hi = (np.quantile(deltas, [0.025, 0.975]).tolist() if deltas else (None, None))
-    return dict(metric=metric, delta=delta, ci_low=lo, ci_high=hi, n=int(len(y)), n_boot=len(deltas))
+        for m, d in deltas(rng.integers(0, len(y), len(y))).items():
+            if d is not None: draws[m].append(d)
+    per = {m: dict(delta=full[m], **dict(zip(('ci_low', 'ci_high'), np.quantile(ds, [0.025, 0.975]).tolist() if ds else (None, None))), n_boot=len(ds))
+           for m, ds in draws.items()}
+    return dict(metric=metric, delta=per[metric]['delta'], ci_low=per[metric]['ci_low'], ci_high=per[metric]['ci_high'],
+                n=int(len(y)), n_boot=per[metric]['n_boot'], metrics=per)
+
