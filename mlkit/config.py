@@ -15,9 +15,9 @@ from croniter import croniter
 from .errors import SettingsError
 
 # %% auto #0
-__all__ = ['NOTIFY_EVENTS', 'SECTIONS', 'ENV_PREFIX', 'Check', 'Rule', 'key', 'ProjectSettings', 'DataSettings', 'TrainSettings',
-           'GateSettings', 'ServeSettings', 'MonitorSettings', 'ScheduleSettings', 'NotifySettings', 'Settings',
-           'parse_value', 'find_settings', 'load_settings', 'describe']
+__all__ = ['NOTIFY_EVENTS', 'SECTIONS', 'OPTIONAL_SECTIONS', 'ENV_PREFIX', 'Check', 'Rule', 'key', 'ProjectSettings',
+           'DataSettings', 'TrainSettings', 'GateSettings', 'ServeSettings', 'MonitorSettings', 'ScheduleSettings',
+           'NotifySettings', 'Settings', 'parse_value', 'find_settings', 'load_settings', 'describe']
 
 # %% ../nbs/01_config.ipynb #1d84eca3
 @dataclass(frozen=True)
@@ -165,6 +165,7 @@ class NotifySettings:
 # %% ../nbs/01_config.ipynb #1c7928bd
 SECTIONS = dict(project=ProjectSettings, data=DataSettings, train=TrainSettings, gate=GateSettings,
                 serve=ServeSettings, monitor=MonitorSettings, schedule=ScheduleSettings, notify=NotifySettings)
+OPTIONAL_SECTIONS = {'notify'} # sections a settings.ini may leave out: every key then has its default
 
 @dataclass(frozen=True)
 class Settings:
@@ -295,6 +296,7 @@ def load_settings(path:str|Path|None=None, # settings.ini to read; default: see 
             errors.append(f"{path} [{sec}]: unknown section{_suggest(sec, SECTIONS)}; known sections: {', '.join(SECTIONS)}")
     for sec, cls in SECTIONS.items():
         hints, flds = get_type_hints(cls), {f.name: f for f in fields(cls)}
+        if not cp.has_section(sec) and sec in OPTIONAL_SECTIONS: cp.add_section(sec)  # all defaults
         if not cp.has_section(sec):
             errors.append(f"{path}: missing section [{sec}] ({cls.__doc__.split(': ', 1)[-1]})")
             continue
