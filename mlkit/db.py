@@ -4,6 +4,7 @@
 
 # %% ../nbs/02_db.ipynb #dfbfc63d
 from __future__ import annotations
+import os, re
 from contextlib import contextmanager
 from datetime import date, datetime, time as dtime, timedelta, timezone
 from pathlib import Path
@@ -18,7 +19,8 @@ from sqlalchemy.types import TypeDecorator
 from .errors import TimestampError
 
 # %% auto #0
-__all__ = ['BUSY_TIMEOUT_MS', 'utcnow', 'utc', 'UTCDateTime', 'time_window', 'make_engine', 'write_transaction']
+__all__ = ['BUSY_TIMEOUT_MS', 'utcnow', 'utc', 'UTCDateTime', 'time_window', 'private_dir', 'private_file', 'private_state',
+           'make_engine', 'write_transaction', 'mask_url']
 
 # %% ../nbs/02_db.ipynb #a4cb3ab5
 def utcnow()->datetime:
@@ -77,6 +79,30 @@ def time_window(since, # start (inclusive): an aware datetime, a date, ISO text;
         raise TimestampError(f"since {s.isoformat()} is after until {u.isoformat()}")
     return s, u
 
+# %% ../nbs/02_db.ipynb #6b93defe
+def private_dir(path:str|Path, # a folder, made with its missing parents
+               )->Path:
+    "`path` made if missing, and readable by its owner only (0700)"
+    p = Path(path).expanduser()
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if p.stat().st_mode & 0o077: p.chmod(0o700)
+    return p
+
+def private_file(path:str|Path, # a file, made empty if missing (its folder must exist)
+                )->Path:
+    "`path` made if missing, and readable by its owner only (0600)"
+    p = Path(path).expanduser()
+    os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
+    if p.stat().st_mode & 0o077: p.chmod(0o600)
+    return p
+
+def private_state(state_dir:str|Path, # the project's state folder (`Settings.state_dir`)
+                 )->Path:
+    "Make this process write files 0600 and folders 0700 (umask 077), and the state folder 0700; returns it"
+    os.umask(0o077)
+    return private_dir(state_dir)
+
+
 # %% ../nbs/02_db.ipynb #45c84365
 BUSY_TIMEOUT_MS = 30_000
 
@@ -104,7 +130,9 @@ def make_engine(url:str, # SQLAlchemy URL: `sqlite:///path.db`, `sqlite://` (mem
     if u.database in (None, '', ':memory:'):
         engine = sa.create_engine(u, poolclass=StaticPool, connect_args=dict(check_same_thread=False))
     else:
-        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        db = Path(u.database).expanduser()
+        if not db.parent.is_dir(): private_dir(db.parent)
+        if not db.exists(): private_file(db)  # before SQLite makes it with the umask's mode
         engine = sa.create_engine(u, connect_args=dict(timeout=BUSY_TIMEOUT_MS/1000))
     _sqlite_hooks(engine)
     return engine
@@ -116,3 +144,18 @@ def write_transaction(engine:Engine)->Iterator[Connection]:
     with engine.connect() as c:
         c.execution_options(mlkit_write=True)
         with c.begin(): yield c
+
+# %% ../nbs/02_db.ipynb #dea1ee7c
+_SECRET_QUERY = re.compile(r'(?i)([?&](?:password|passwd|pwd|sslpassword|secret|token|api_key)=)[^&#]*')
+
+def mask_url(url:str, # any URL, e.g. a SQLAlchemy database URL
+            )->str:
+    "`url` with the password of its user part and secret query values shown as `***`"
+    if not url: return url
+    if m := re.match(r'^([a-zA-Z][\w+.-]*://)([^/?#]*)(.*)$', url, re.S):
+        scheme, netloc, rest = m.groups()
+        user, at, host = netloc.rpartition('@')  # a password may hold an unescaped @: the host follows the last one
+        if at and ':' in user: netloc = f"{user.split(':', 1)[0]}:***@{host}"
+        url = scheme + netloc + rest
+    return _SECRET_QUERY.sub(r'\1***', url)
+

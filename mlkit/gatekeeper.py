@@ -4,20 +4,22 @@
 
 # %% ../nbs/49_gatekeeper.ipynb #4b09bca6
 from __future__ import annotations
-import asyncio, hmac, json, math, os
+import asyncio, hmac, json, logging, math, os, sys
 from typing import Callable
 
 from .contract import features, target_classes
 from .logrules import check_feedback
 
 # %% auto #0
-__all__ = ['OPEN_PATHS', 'check_record', 'validate_payload', 'validate_feedback', 'record_notes', 'bearer_ok', 'Gatekeeper',
-           'RequestTimeout', 'patch_bentoml_timeout']
+__all__ = ['OPEN_PATHS', 'JSON_PATHS', 'check_record', 'validate_payload', 'validate_feedback', 'record_notes', 'json_media_type',
+           'used_ids', 'one_line_client_errors', 'bearer_ok', 'Gatekeeper', 'RequestTimeout', 'patch_bentoml_timeout']
 
 # %% ../nbs/49_gatekeeper.ipynb #4913fafc
 def _problem(index, field_, rule, message): return dict(index=index, field=field_, rule=rule, message=message)
 
 def _is_number(v): return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+_FLOAT_MAX = sys.float_info.max # an integer past it has no float: `math.isfinite` would raise
 
 def check_record(index:int, # position of the record in the request
                  rec, # the record as parsed from JSON
@@ -40,6 +42,8 @@ def check_record(index:int, # position of the record in the request
         kind = spec['kind']
         if kind == 'numeric':
             if not _is_number(v): out.append(_problem(index, f, 'type', f"'{f}' must be a number, got {json.dumps(v)[:50]}"))
+            elif isinstance(v, int) and not -_FLOAT_MAX <= v <= _FLOAT_MAX:
+                out.append(_problem(index, f, 'finite', f"'{f}' must be a finite number, got an integer of {len(str(abs(v)))} digits (too large for a float)"))
             elif not math.isfinite(v): out.append(_problem(index, f, 'finite', f"'{f}' must be a finite number, got {v}"))
         elif kind == 'boolean':
             if not (isinstance(v, bool) or v in (0, 1)): out.append(_problem(index, f, 'type', f"'{f}' must be true or false, got {json.dumps(v)[:50]}"))
@@ -80,9 +84,12 @@ def validate_payload(payload, # the parsed JSON body
     "None when `payload` is a valid prediction request, else (HTTP status, JSON body) naming each problem"
     recs, bad = _body_list(payload, 'records', '{"records": [ {feature: value, ...}, ... ]}', 'record', max_records)
     if bad: return bad
-    problems = []
+    problems, seen = [], {}
     for i, r in enumerate(recs):
         problems += check_record(i, r, contract, unknown_category)
+        if isinstance(rid := r.get('request_id') if isinstance(r, dict) else None, str):
+            if rid in seen: problems.append(_problem(i, 'request_id', 'duplicate', f"'request_id' {rid[:60]!r} is record {seen[rid]}'s too: each prediction needs its own"))
+            else: seen[rid] = i
         if len(problems) >= max_problems: break
     return _refusal(problems, 'record', lambda p: f"record {p['index']}: {p['message']}", max_problems) if problems else None
 
@@ -113,6 +120,42 @@ def record_notes(rec:dict, # a valid record
             warn.append(f"'{f}' = {v} is outside the training range [{spec['low']:.6g}, {spec['high']:.6g}]")
     return warn, [k for k in rec if k not in cols and k != 'request_id']
 
+# %% ../nbs/49_gatekeeper.ipynb #0578a8ff
+def json_media_type(header:str|None, # a request's Content-Type header
+                   )->bool:
+    "Whether `header` is `application/json`, with no parameter but `charset=utf-8`"
+    if header is None: return False
+    kind, *params = [p.strip().lower().replace(' ', '') for p in header.split(';')]
+    return kind == 'application/json' and params in ([], ['charset=utf-8'], ['charset="utf-8"'])
+
+def used_ids(taken:list[str], # request ids that earlier predictions used
+             records:list[dict], # the request's records
+            )->tuple[int, dict]:
+    "409 naming the records whose `request_id` was used before"
+    t = set(taken)
+    problems = [_problem(i, 'request_id', 'duplicate', f"record {i}: request_id {r['request_id'][:60]!r} was used by an earlier prediction")
+                for i, r in enumerate(records) if r.get('request_id') in t]
+    return 409, dict(error=f"{len(t)} request_id{'s' if len(t) > 1 else ''} used before: {', '.join(repr(x[:60]) for x in taken[:3])}"
+                           f"{', ...' if len(t) > 3 else ''}; each prediction needs a new one (or none: the service makes one)", errors=problems[:100])
+
+class _OneLine(logging.Filter):
+    "A request BentoML refused (pydantic's validation, a 4xx): one warning line instead of an error with a traceback"
+    def filter(self, record):
+        e = record.exc_info[1] if record.exc_info else None
+        code = getattr(getattr(e, 'error_code', None), 'value', None)
+        if e is not None and (type(e).__module__.startswith('pydantic') or (isinstance(code, int) and code < 500)):
+            record.msg = f"{record.getMessage()}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.WARNING, 'WARNING'
+        return True
+
+def one_line_client_errors(logger:str='bentoml._internal.server.http_app', # the logger of BentoML's `log_exception`
+                          )->None:
+    "Log the requests BentoML refuses itself in one line, without a traceback (idempotent)"
+    lg = logging.getLogger(logger)
+    if not any(isinstance(f, _OneLine) for f in lg.filters): lg.addFilter(_OneLine())
+
+
 # %% ../nbs/49_gatekeeper.ipynb #f10d00fc
 def bearer_ok(header:str|None, # the request's Authorization header
               token:str|None, # the token it must carry
@@ -124,6 +167,7 @@ def bearer_ok(header:str|None, # the request's Authorization header
 
 # %% ../nbs/49_gatekeeper.ipynb #4dc9c736
 OPEN_PATHS = ('/livez', '/readyz', '/healthz')
+JSON_PATHS = ('/predict', '/feedback') # POST endpoints that take a JSON body
 
 async def _send_json(send, status:int, body:dict, headers:list|None=None):
     data = json.dumps(body, default=str).encode()
@@ -131,8 +175,12 @@ async def _send_json(send, status:int, body:dict, headers:list|None=None):
                     headers=[(b'content-type', b'application/json'), (b'content-length', str(len(data)).encode()), *(headers or [])]))
     await send(dict(type='http.response.body', body=data))
 
+def _header(scope, name:bytes)->str|None: return next((v.decode('latin-1') for k, v in scope['headers'] if k == name), None)
+
+def _too_big(limit:int)->tuple[int, dict]: return 413, dict(error=f"request body over the {limit // 1048576} MiB limit ([serve] max_body_mb)")
+
 class Gatekeeper:
-    "ASGI middleware: auth, body limits, JSON and contract validation, GET /metadata"
+    "ASGI middleware: auth, body limits, media type, JSON and contract validation, request-id claims, GET /metadata"
     def __init__(self, app, # the ASGI app it guards (BentoML's)
                  get_state:Callable, # returns the worker's current `ServingState` (None before it is loaded)
                  max_body_mb:float=8.0, # largest body accepted (`[serve] max_body_mb`)
@@ -140,16 +188,46 @@ class Gatekeeper:
                  max_records:int=1000, # most records in one /predict, and items in one /feedback (`[serve] max_records`)
                  api_token:str|None=None, # default `$MLKIT_API_TOKEN`; unset: no token needed
                  admin_token:str|None=None, # default `$MLKIT_ADMIN_TOKEN`; unset: /admin is disabled
+                 get_log:Callable|None=None, # returns the worker's `PredictionLog`: claims the request ids clients send
                 ):
-        self.app, self.get_state = app, get_state
+        self.app, self.get_state, self.get_log = app, get_state, get_log
         self.max_body, self.unknown_category, self.max_records = int(max_body_mb * 1024 * 1024), unknown_category, max_records
         self.api_token = api_token if api_token is not None else os.environ.get('MLKIT_API_TOKEN')
         self.admin_token = admin_token if admin_token is not None else os.environ.get('MLKIT_ADMIN_TOKEN')
+        one_line_client_errors()
+
+    async def _body(self, scope, receive)->tuple[bytes|None, tuple|None]:
+        "The whole request body, or the answer refusing it (None, None: the client went away)"
+        length = _header(scope, b'content-length')
+        if length is not None and (not length.isdigit() or int(length) > self.max_body): return None, _too_big(self.max_body)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg['type'] == 'http.disconnect': return None, None
+            chunks.append(msg.get('body', b'')); size += len(chunks[-1])
+            if size > self.max_body: return None, _too_big(self.max_body)
+            if not msg.get('more_body'): return b''.join(chunks), None
+
+    def _check(self, path:str, body:bytes)->tuple[object, bytes|None, tuple|None]:
+        "The parsed body, the JSON text BentoML gets (the parsed body written again), or the answer refusing it"
+        if not body.strip(): return None, None, (400, dict(error='empty body: send JSON', errors=[]))
+        try: payload = json.loads(body.decode('utf-8'))
+        except UnicodeDecodeError as e: return None, None, (400, dict(error=f"the body is not UTF-8 text: {e}", errors=[]))
+        except (ValueError, RecursionError) as e: return None, None, (400, dict(error=f"malformed JSON: {str(e)[:200]}", errors=[]))
+        state = self.get_state()
+        if path == '/predict':
+            if state is None: return None, None, (503, dict(error='no model loaded yet'))
+            bad = validate_payload(payload, state.champion.contract, self.unknown_category, self.max_records)
+        else: bad = validate_feedback(payload, self.max_records, contract=state.champion.contract if state else None)
+        if bad: return None, None, bad
+        try: return payload, json.dumps(payload, ensure_ascii=False).encode('utf-8'), None
+        except UnicodeEncodeError as e:
+            return None, None, (400, dict(error=f"the body holds text that is not Unicode (a lone surrogate such as \\ud800): {str(e)[:120]}", errors=[]))
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http': return await self.app(scope, receive, send)
         path, method = scope['path'].rstrip('/') or '/', scope['method']
-        auth = next((v.decode('latin-1') for k, v in scope['headers'] if k == b'authorization'), None)
+        auth = _header(scope, b'authorization')
         if path.startswith('/admin'):
             if not self.admin_token: return await _send_json(send, 403, dict(error='the admin endpoint is disabled: set MLKIT_ADMIN_TOKEN'))
             if not bearer_ok(auth, self.admin_token): return await _send_json(send, 401, dict(error='admin token required: Authorization: Bearer <MLKIT_ADMIN_TOKEN>'), [(b'www-authenticate', b'Bearer')])
@@ -158,38 +236,36 @@ class Gatekeeper:
         if path == '/metadata' and method == 'GET':
             state = self.get_state()
             return await _send_json(send, 200 if state else 503, state.describe() if state else dict(error='no model loaded yet'))
-        if method != 'POST' or path not in ('/predict', '/feedback', '/admin/reload'): return await self.app(scope, receive, send)
-        length = next((v for k, v in scope['headers'] if k == b'content-length'), None)
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await _send_json(send, 413, dict(error=f"request body over the {self.max_body // 1048576} MiB limit ([serve] max_body_mb)"))
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg['type'] == 'http.disconnect': return
-            chunks.append(msg.get('body', b'')); size += len(chunks[-1])
-            if size > self.max_body: return await _send_json(send, 413, dict(error=f"request body over the {self.max_body // 1048576} MiB limit ([serve] max_body_mb)"))
-            if not msg.get('more_body'): break
-        body = b''.join(chunks)
-        if path != '/admin/reload':
-            if not body.strip(): return await _send_json(send, 400, dict(error='empty body: send JSON', errors=[]))
-            try: payload = json.loads(body)
-            except (ValueError, RecursionError) as e: return await _send_json(send, 400, dict(error=f"malformed JSON: {str(e)[:200]}", errors=[]))
-            if path == '/predict':
-                state = self.get_state()
-                if state is None: return await _send_json(send, 503, dict(error='no model loaded yet'))
-                bad = validate_payload(payload, state.champion.contract, self.unknown_category, self.max_records)
-                if bad: return await _send_json(send, *bad)
-            else:
-                state = self.get_state()
-                if bad := validate_feedback(payload, self.max_records, contract=state.champion.contract if state else None):
-                    return await _send_json(send, *bad)
-        sent = False
+        if method != 'POST' or path not in (*JSON_PATHS, '/admin/reload'): return await self.app(scope, receive, send)
+        ctype = _header(scope, b'content-type')
+        if (path in JSON_PATHS or ctype is not None) and not json_media_type(ctype):
+            return await _send_json(send, 415, dict(error=f"Content-Type must be application/json (optionally with charset=utf-8), got {ctype!r:.80}"))
+        body, refused = await self._body(scope, receive)
+        if body is None: return await _send_json(send, *refused) if refused else None
+        ids = []
+        if path in JSON_PATHS:
+            payload, body, refused = self._check(path, body)
+            if refused: return await _send_json(send, *refused)
+            if path == '/predict' and (log := self.get_log() if self.get_log else None) is not None:
+                ids = [r['request_id'] for r in payload['records'] if r.get('request_id') is not None]
+                if ids and (taken := await asyncio.to_thread(log.claim, ids)): return await _send_json(send, *used_ids(taken, payload['records']))
+        else: body = b''  # /admin/reload takes no input
+        headers = [(k, v) for k, v in scope['headers'] if k not in (b'content-length', b'content-type')]
+        scope = dict(scope, headers=[*headers, (b'content-type', b'application/json'), (b'content-length', str(len(body)).encode())])
+        sent, status = False, None
         async def replay():
             nonlocal sent
             if sent: return await receive()
             sent = True
             return dict(type='http.request', body=body, more_body=False)
-        return await self.app(scope, replay, send)
+        async def send_(msg):
+            nonlocal status
+            if msg['type'] == 'http.response.start': status = msg['status']
+            await send(msg)
+        try: return await self.app(scope, replay, send_)
+        finally:
+            if ids and (status is None or status >= 300): await asyncio.to_thread(log.release, ids)  # not predicted: the ids stay free
+
 
 # %% ../nbs/49_gatekeeper.ipynb #e5fab3c8
 class RequestTimeout:

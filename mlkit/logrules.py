@@ -17,8 +17,8 @@ from .db import UTCDateTime, utcnow
 from .jsonsafe import jsonable, to_plain
 
 # %% auto #0
-__all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'ROW_COLUMNS', 'FEEDBACK_KEYS', 'encode_row', 'check_row',
-           'check_label', 'check_feedback']
+__all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'claims_table', 'ROW_COLUMNS', 'FEEDBACK_KEYS', 'encode_row',
+           'check_row', 'check_label', 'check_feedback']
 
 # %% ../nbs/45_logrules.ipynb #f0e46809
 VARIANTS = ('champion', 'challenger')
@@ -45,6 +45,11 @@ predictions_table = sa.Table('predictions', predlog_metadata,
     sa.Column('label_at', UTCDateTime), # set by feedback
     sa.UniqueConstraint('request_id', 'variant', 'shadow', name='ux_predictions_request'),
     sa.Index('ix_predictions_ts', 'ts'),
+)
+
+claims_table = sa.Table('request_claims', predlog_metadata,
+    sa.Column('request_id', sa.String(_MAXLEN), primary_key=True), # a request id a client chose
+    sa.Column('claimed_at', UTCDateTime, nullable=False),
 )
 
 # %% ../nbs/45_logrules.ipynb #49ac7a43
@@ -163,7 +168,7 @@ def check_feedback(items:list, # feedback items as parsed from JSON: {'request_i
                    classes:list[str]|None=None, # the model's class names (classification)
                   )->tuple[dict, list[dict]]:
     "The labels as JSON text by request id, and the problems of the items (index, field, rule, message), empty when all are valid"
-    labels, problems = {}, []
+    labels, problems, first = {}, [], {}
     for i, it in enumerate(items):
         if not isinstance(it, dict):
             problems.append(_feedback_problem(i, None, 'type', f"feedback item {i}: expected an object with request_id and label, got {type(it).__name__}")); continue
@@ -171,6 +176,9 @@ def check_feedback(items:list, # feedback items as parsed from JSON: {'request_i
             problems += [_feedback_problem(i, k, 'required', f"feedback item {i}: missing '{k}'") for k in missing]; continue
         try: rid = _text(it['request_id'], 'request_id', f"feedback item {i}")
         except PredictionLogError as e: problems.append(_feedback_problem(i, 'request_id', 'type', str(e))); continue
+        if rid in first:
+            problems.append(_feedback_problem(i, 'request_id', 'duplicate', f"feedback item {i}: request_id {rid!r:.80} is item {first[rid]}'s too: send one label per prediction")); continue
+        first[rid] = i
         if extra := it.keys() - set(FEEDBACK_KEYS):
             problems.append(_feedback_problem(i, sorted(map(str, extra))[0], 'unknown', f"feedback item {i} (request_id {rid!r}): unknown key(s) {', '.join(sorted(map(str, extra)))}; an item has request_id and label"))
             continue

@@ -18,10 +18,10 @@ from fastcore.basics import patch
 
 from .errors import PredictionLogError
 from .db import UTCDateTime, make_engine, utcnow, write_transaction
-from .logrules import ROW_COLUMNS, check_feedback, check_row, encode_row, predictions_table, predlog_metadata
+from .logrules import ROW_COLUMNS, check_feedback, check_row, claims_table, encode_row, predictions_table, predlog_metadata
 
 # %% auto #0
-__all__ = ['EXIT_TIMEOUT_S', 'PredictionLog', 'stored_ts']
+__all__ = ['EXIT_TIMEOUT_S', 'PredictionLog', 'stored_ts', 'LabelConflict']
 
 # %% ../nbs/46_predlog.ipynb #7dd2d110
 _logger = logging.getLogger('mlkit.predlog')
@@ -306,12 +306,20 @@ def _chunked(xs:list, n:int=500)->Iterator[list]:
     for i in range(0, len(xs), n): yield xs[i:i + n]
 
 # %% ../nbs/46_predlog.ipynb #416ebd99
+class LabelConflict(PredictionLogError):
+    "Labels for predictions that have one already; `request_ids` names them"
+    def __init__(self, request_ids:list[str]):
+        self.request_ids = request_ids
+        super().__init__(f"{len(request_ids)} prediction{'s' if len(request_ids) > 1 else ''} labelled already: "
+                         f"{', '.join(repr(r[:60]) for r in request_ids[:3])}{', ...' if len(request_ids) > 3 else ''}; a label is written once")
+
 @patch
 def feedback(self:PredictionLog, items:list[dict], # {'request_id': str, 'label': JSON-able value}
               flush_timeout:float=30.0, # seconds to wait for this process's queued rows first
               settle_s:float|None=None, # wait this long once for ids not found yet (other workers' queues); default 2 × flush_ms
               task:str|None=None, # the model's task: with it, each label is checked by `mlkit.logrules.check_label`
               classes:list[str]|None=None, # the model's class names (classification)
+              overwrite:bool=False, # let a label replace one stored; False: `LabelConflict` and nothing changed
              )->dict:
     "Attach delayed labels to logged predictions; returns dict(joined=[ids], unknown=[ids])"
     if isinstance(items, dict): raise PredictionLogError("feedback() takes a list of items (dicts), got one dict; wrap it in a list")
@@ -320,13 +328,18 @@ def feedback(self:PredictionLog, items:list[dict], # {'request_id': str, 'label'
     if not labels: return dict(joined=[], unknown=[])
     self.flush(flush_timeout) # (also starts afresh in a forked process)
     t, ids, now = predictions_table, list(labels), utcnow()
-    upd = (sa.update(t).where(t.c.request_id == sa.bindparam('b_rid'))
-           .values(label=sa.bindparam('b_label'), label_at=sa.bindparam('b_at', type_=UTCDateTime())))
+    upd = sa.update(t).where(t.c.request_id == sa.bindparam('b_rid'))
+    if not overwrite: upd = upd.where(t.c.label.is_(None))
+    upd = (upd.values(label=sa.bindparam('b_label'), label_at=sa.bindparam('b_at', type_=UTCDateTime())))
     def attach(todo):
         with self._write() as c:
             known = set()
+            labelled = set()
             for part in _chunked(todo):
                 known.update(c.execute(sa.select(t.c.request_id).distinct().where(t.c.request_id.in_(part))).scalars())
+                if not overwrite:
+                    labelled.update(c.execute(sa.select(t.c.request_id).distinct().where(t.c.request_id.in_(part), t.c.label.is_not(None))).scalars())
+            if labelled: raise LabelConflict([r for r in todo if r in labelled])  # the transaction ends unchanged
             if known: c.execute(upd, [dict(b_rid=r, b_label=labels[r], b_at=now) for r in todo if r in known])
         return known
     known = attach(ids)
@@ -335,3 +348,32 @@ def feedback(self:PredictionLog, items:list[dict], # {'request_id': str, 'label'
         time.sleep(2 * self.flush_ms / 1000 if settle_s is None else settle_s)
         known |= attach(missing)
     return dict(joined=[r for r in ids if r in known], unknown=[r for r in ids if r not in known])
+
+# %% ../nbs/46_predlog.ipynb #78e66918
+@patch
+def claim(self:PredictionLog, ids:list[str], # request ids a client chose, for predictions about to be made
+         )->list[str]:
+    "Claim `ids` (all or none); returns the ids used before, by a claim or a logged prediction (empty: all claimed)"
+    self._forked()
+    ids, c_t, t = list(dict.fromkeys(ids)), claims_table, predictions_table
+    for attempt in range(2):
+        try:
+            with self._write() as c:
+                used = set()
+                for part in _chunked(ids):
+                    used.update(c.execute(sa.select(c_t.c.request_id).where(c_t.c.request_id.in_(part))).scalars())
+                    used.update(c.execute(sa.select(t.c.request_id).distinct().where(t.c.request_id.in_(part))).scalars())
+                if used: return [i for i in ids if i in used]
+                if ids: c.execute(sa.insert(c_t), [dict(request_id=i, claimed_at=utcnow()) for i in ids])
+            return []
+        except sa.exc.IntegrityError:  # claimed by another process in between (PostgreSQL): look again
+            if attempt: raise
+
+@patch
+def release(self:PredictionLog, ids:list[str], # ids `claim` claimed for a request that was not answered
+           )->None:
+    "Free claimed request ids again"
+    self._forked()
+    with self._write() as c:
+        for part in _chunked(list(ids)): c.execute(sa.delete(claims_table).where(claims_table.c.request_id.in_(part)))
+

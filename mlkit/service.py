@@ -15,16 +15,17 @@ import numpy as np
 import pandas as pd
 
 from .config import Settings
-from .contract import features
+from .contract import features, target_classes
 from .errors import ServingError
 from .gatekeeper import record_notes
+from .predlog import LabelConflict
 from .registry import Registry
 from .routing import Router, entity_id
 from .store import load_pipeline, load_stored, model_name
 
 # %% auto #0
 __all__ = ['Variant', 'serving_refs', 'ServingState', 'predict_outputs', 'log_rows', 'predict_records', 'frame_to_records',
-           'Outcomes', 'ReloadWatcher', 'settle_heap']
+           'answer_feedback', 'Outcomes', 'ReloadWatcher', 'settle_heap']
 
 # %% ../nbs/50_service.ipynb #cf3691cf
 @dataclass
@@ -198,6 +199,22 @@ def frame_to_records(df:pd.DataFrame, # a table of records
     for c in out.columns:
         if pd.api.types.is_datetime64_any_dtype(df[c]): out[c] = [v.isoformat() if v is not None else None for v in out[c]]
     return out.to_dict('records')
+
+# %% ../nbs/50_service.ipynb #8b21aca2
+def answer_feedback(state:ServingState|None, # what the worker serves (None: labels are checked without a model)
+                    log, # the `mlkit.predlog.PredictionLog`
+                    items:list[dict], # the feedback items: {request_id, label}
+                   )->tuple[int, dict]:
+    "HTTP status and JSON body of `POST /feedback`: how many labels were joined and the unknown ids, or 409"
+    con = state.champion.contract if state else None
+    try: res = log.feedback(items, task=con['task'] if con else None, classes=target_classes(con) if con else None)
+    except LabelConflict as e:
+        at = {it['request_id']: i for i, it in enumerate(items)}
+        return 409, dict(error=f"{e}: nothing was stored; a prediction keeps its first label",
+                         errors=[dict(index=at[r], field='request_id', rule='labelled', message=f"request_id {r[:60]!r} has a label already")
+                                 for r in e.request_ids[:100]])
+    return 200, dict(joined=len(res['joined']), unknown=res['unknown'])
+
 
 # %% ../nbs/50_service.ipynb #f0a519dd
 class Outcomes:

@@ -1,6 +1,7 @@
 """The prediction log beyond the notebook: several writer processes on one SQLite file (closed, SIGTERMed, forked),
 a database that locks or goes away and comes back, read speed, and the notebook's round trips on a real PostgreSQL server."""
 import glob, multiprocessing, os, pwd, re, shutil, signal, sqlite3, subprocess, sys, tempfile, textwrap, threading, time, uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import ROOT, free_port
-from mlkit.predlog import PredictionLog, PredictionLogError
+from mlkit.predlog import LabelConflict, PredictionLog, PredictionLogError
 import mlkit.logread, mlkit.logexport  # noqa: F401  add PredictionLog.count, .read and .export_parquet
 
 T0 = datetime(2024, 5, 1, 12, tzinfo=timezone.utc)
@@ -262,9 +263,22 @@ def test_pg_feedback(pg_url):
         assert df.label.tolist() == [1, 1, 'churned']
         assert df.label_at.notna().all() and str(df.label_at.dt.tz) == 'UTC'
         assert abs(df.label_at[0] - pd.Timestamp.now(tz='UTC')) < pd.Timedelta(minutes=1)
-        assert plog.feedback([dict(request_id='a2', label=0)])['joined'] == ['a2'] # a correction replaces the label
+        with pytest.raises(LabelConflict, match="'a2'; a label is written once"): plog.feedback([dict(request_id='a2', label=0)])
+        assert plog.read(with_features=False).label.tolist() == [1, 1, 'churned']
+        assert plog.feedback([dict(request_id='a2', label=0)], overwrite=True)['joined'] == ['a2'] # a correction replaces the label
         assert plog.read(with_features=False).label.tolist() == [1, 1, 0]
         with pytest.raises(PredictionLogError, match='label cannot be stored as JSON'): plog.feedback([dict(request_id='a1', label=object())])
+
+
+def test_pg_claims(pg_url):
+    "Request ids claimed on PostgreSQL: all or none, one winner when two logs claim at once"
+    with PredictionLog(pg_url) as plog, PredictionLog(pg_url) as other:
+        plog.log([row('c0', 0)]); plog.flush()
+        assert plog.claim(['c1', 'c2']) == [] and other.claim(['c3', 'c1']) == ['c1'] and plog.claim(['c0']) == ['c0']
+        assert other.claim(['c3']) == []
+        other.release(['c3'])
+        with ThreadPoolExecutor(8) as ex: got = list(ex.map(lambda k: (plog if k % 2 else other).claim([f'race{k // 2}']), range(40)))
+        assert sorted(map(len, got)) == [0] * 20 + [1] * 20
 
 
 def test_pg_export_parquet(pg_url, tmp_path):

@@ -19,6 +19,7 @@ for _var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
 
 import bentoml
 from bentoml.validators import ContentType
+from starlette.responses import JSONResponse
 from threadpoolctl import threadpool_limits
 
 from mlkit import service as svc
@@ -30,7 +31,7 @@ patch_bentoml_timeout()  # BentoML's own keeps every request's timer alive for t
 
 HERE = Path(__file__).resolve().parent
 REFS = json.loads((HERE/'serving.json').read_text()) if (HERE/'serving.json').is_file() else {}
-CURRENT = {}  # the worker's ServingState, read by the gatekeeper middleware
+CURRENT = {}  # the worker's ServingState and PredictionLog, read by the gatekeeper middleware
 STAMP = SETTINGS.state_dir/'serving.stamp'  # touched by a reload: every worker reloads
 ENTITY = SERVE.entity_field or SETTINGS.data.id_column
 # in shadow mode the challenger's work waits this long for more requests, so they share one call: at concurrency 32
@@ -56,7 +57,7 @@ class MlkitService:
     def __init__(self):
         self._limits = threadpool_limits(SERVE.threads)
         self._bundled = dict(champion=self.champion_model, challenger=self.challenger_model)
-        self.log = PredictionLog.from_settings(SETTINGS)
+        self.log = CURRENT['log'] = PredictionLog.from_settings(SETTINGS)
         self.shadow = ShadowRunner(linger=SHADOW_LINGER_S)
         self.observe = svc.Outcomes(lambda: self.state, PREDICTIONS, ERRORS, LATENCY)
         self.watcher = svc.ReloadWatcher(STAMP, self._load)
@@ -77,9 +78,9 @@ class MlkitService:
 
     @bentoml.api
     def feedback(self, items: list[dict]) -> dict:
-        "Delayed labels: [{request_id, label}, ...] (checked by the gatekeeper), joined to the logged predictions"
-        res = self.log.feedback(items)
-        return dict(joined=len(res['joined']), unknown=res['unknown'])
+        "Delayed labels: [{request_id, label}, ...] (checked by the gatekeeper), joined to the logged predictions; 409 for one labelled already"
+        status, body = svc.answer_feedback(self.state, self.log, items)
+        return body if status == 200 else JSONResponse(body, status_code=status)
 
     @bentoml.api(route='/admin/reload')
     def reload(self) -> dict:
@@ -97,4 +98,5 @@ class MlkitService:
 
 
 MlkitService.add_asgi_middleware(Gatekeeper, get_state=lambda: CURRENT.get('state'), max_body_mb=SERVE.max_body_mb,
-                                 unknown_category=SERVE.unknown_category, max_records=SERVE.max_records)
+                                 unknown_category=SERVE.unknown_category, max_records=SERVE.max_records,
+                                 get_log=lambda: CURRENT.get('log'))
