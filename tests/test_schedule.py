@@ -54,10 +54,11 @@ def test_two_concurrent_schedulers_run_a_due_job_once(tmp_path):
 
 
 def test_missed_fires_coalesce_into_one_run_then_nothing_is_due(tmp_path):
-    ini = project(tmp_path, retrain='0 * * * *', monitor='')
     now = utcnow()
+    cron = f'{(now.minute + 30) % 60} * * * *'  # hourly, the next fire about half an hour away: no fire comes due during the test
+    ini = project(tmp_path, retrain=cron, monitor='')
     with FireBook.from_settings(load_settings(ini, env={})) as book:  # the last scheduler ran three hours ago
-        old = latest_fire('0 * * * *', now - timedelta(hours=3))
+        old = latest_fire(cron, now - timedelta(hours=3))
         book.claim('retrain', old, 'an-old-run'); book.finish('retrain', old, 'succeeded: promote')
     r1 = subprocess.run([str(BIN/'mlkit'), 'schedule', '--once', '--job', 'monitor'], cwd=ini.parent, env=env(), capture_output=True, text=True, timeout=600)
     assert r1.returncode == 0 and 'started' not in r1.stdout and "schedule (UTC): nothing: [schedule] monitor is empty" in r1.stdout, r1.stdout
