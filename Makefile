@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mlkit-installed
 SYNC_MSG := notebooks and library are out of sync: edit nbs/, run nbdev-export (and make readme), commit both
 TRACKED := find nbs mlkit README.md -type f ! -path '*/__pycache__/*' ! -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum
 
-.PHONY: demo test install test-deps sync-check clean-check export-check readme nbtest pytest bench lab
+.PHONY: demo test install test-deps sync-check clean-check export-check readme nbtest pytest bench lab test-airflow airflow-venv
 
 ## (re)install when .venv is missing or pyproject.toml / constraints.txt changed (by content)
 install:
@@ -55,6 +55,23 @@ test-deps:
 
 pytest:
 	$(BIN)/pytest
+
+## the exported DAG loaded by Airflow's DagBag and one task run for real, in a separate venv (Airflow is no dependency of mlkit);
+## the venv is cached in AIRFLOW_VENV and rebuilt when tests/airflow/requirements.txt or constraints.txt change (by content)
+AIRFLOW_VENV ?= $(HOME)/.cache/mlkit/airflow-venv
+AIRFLOW_REQS := tests/airflow/requirements.txt tests/airflow/constraints.txt
+
+airflow-venv:
+	@want="$$(cat $(AIRFLOW_REQS) | sha256sum | cut -c1-64)"; \
+	if [ -x $(AIRFLOW_VENV)/bin/airflow ] && [ "$$(cat $(AIRFLOW_VENV)/.mlkit-airflow-installed 2>/dev/null)" = "$$want" ]; then exit 0; fi; \
+	set -e; rm -rf $(AIRFLOW_VENV); $(PYTHON) -m venv $(AIRFLOW_VENV); \
+	echo "installing Airflow for the DAG test into $(AIRFLOW_VENV)"; \
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --upgrade pip; \
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet -c tests/airflow/constraints.txt -r tests/airflow/requirements.txt; \
+	echo "$$want" > $(AIRFLOW_VENV)/.mlkit-airflow-installed
+
+test-airflow: install airflow-venv
+	AIRFLOW_TEST_PYTHON=$(AIRFLOW_VENV)/bin/python $(BIN)/pytest -q -p no:cacheprovider tests/airflow
 
 bench: install
 	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null || { echo "bench/serve.py needs wrk (apt-get install wrk)"; exit 1; }

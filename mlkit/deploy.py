@@ -129,6 +129,7 @@ def write_k8s(settings:Settings, # the project's settings
 
 # %% ../nbs/72_deploy.ipynb #477b632c
 _DAG = """# written by `mlkit export airflow` for {project}: two DAGs running mlkit's job notebooks with papermill
+import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG
@@ -138,12 +139,19 @@ SETTINGS = {settings!r}
 RUNS = {runs!r}
 KERNEL = {kernel!r}
 DEFAULTS = dict(retries={retries}, retry_delay=timedelta(minutes={retry_minutes}), execution_timeout=timedelta(seconds={timeout}))
+
+
+class JobNotebook(PapermillOperator):
+    "`PapermillOperator` that first makes the run's folder: papermill writes its output notebook only into a folder that exists"
+    def execute(self, context):
+        os.makedirs(os.path.dirname(getattr(self.output_nb, 'url', self.output_nb)), exist_ok=True)
+        return super().execute(context)
 {dags}"""
 
 _ONE = """
 with DAG({dag_id!r}, schedule={cron!r}, start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
          default_args=DEFAULTS, params=dict(settings_path=SETTINGS), tags=['mlkit']) as {var}:
-    PapermillOperator(
+    JobNotebook(
         task_id={job!r}, kernel_name=KERNEL, input_nb={notebook!r},
         output_nb=RUNS + "/{run_id}/{job}.ipynb",
         parameters=dict(settings_path="{{{{ params.settings_path }}}}", trigger="schedule", run_id="{run_id}"{window}),

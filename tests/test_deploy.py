@@ -49,4 +49,4 @@ def test_airflow_dag_file(tmp_path):
     (dag,) = (tmp_path/'dags').glob('*.py')
     text = dag.read_text()
     ast.parse(text)
-    assert "KERNEL = 'mlkit'" in text and repr(str(ini)) in text and text.count('PapermillOperator(') == 2, text
+    assert "KERNEL = 'mlkit'" in text and repr(str(ini)) in text and text.count('    JobNotebook(\n') == 2, text
