@@ -12,7 +12,8 @@ from .logrules import check_feedback
 
 # %% auto #0
 __all__ = ['OPEN_PATHS', 'JSON_PATHS', 'check_record', 'validate_payload', 'validate_feedback', 'record_notes', 'json_media_type',
-           'used_ids', 'one_line_client_errors', 'bearer_ok', 'Gatekeeper', 'RequestTimeout', 'patch_bentoml_timeout']
+           'used_ids', 'one_line_client_errors', 'bearer_ok', 'Gatekeeper', 'RequestTimeout', 'patch_bentoml_timeout',
+           'gatekeeper_first', 'patch_bentoml_order']
 
 # %% ../nbs/49_gatekeeper.ipynb #4913fafc
 def _problem(index, field_, rule, message): return dict(index=index, field=field_, rule=rule, message=message)
@@ -296,3 +297,21 @@ def patch_bentoml_timeout():
     "Make BentoML's HTTP server use `RequestTimeout` for its `traffic.timeout` (call before the service's app is built)"
     from bentoml._internal.server.http import traffic  # on use: importing BentoML costs seconds
     traffic.TimeoutMiddleware = RequestTimeout
+
+# %% ../nbs/49_gatekeeper.ipynb #0682ac8b
+def gatekeeper_first(middlewares:list, # starlette `Middleware` entries, outermost first
+                    )->list:
+    "`middlewares` with the `Gatekeeper` entries moved to the front (outermost), the others in their order"
+    return [m for m in middlewares if m.cls is Gatekeeper] + [m for m in middlewares if m.cls is not Gatekeeper]
+
+
+# %% ../nbs/49_gatekeeper.ipynb #6551e115
+def patch_bentoml_order():
+    "Make BentoML's service app put the `Gatekeeper` outermost, in front of its metrics (idempotent; call before the app is built)"
+    from _bentoml_impl.server.app import ServiceAppFactory
+    prop = ServiceAppFactory.middlewares
+    if getattr(prop.fget, '_gatekeeper_first', False): return
+    def middlewares(self): return gatekeeper_first(prop.fget(self))
+    middlewares._gatekeeper_first = True
+    ServiceAppFactory.middlewares = property(middlewares)
+

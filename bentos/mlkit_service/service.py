@@ -23,11 +23,12 @@ from starlette.responses import JSONResponse
 from threadpoolctl import threadpool_limits
 
 from mlkit import service as svc
-from mlkit.gatekeeper import Gatekeeper, patch_bentoml_timeout
+from mlkit.gatekeeper import Gatekeeper, patch_bentoml_order, patch_bentoml_timeout
 from mlkit.predlog import PredictionLog
 from mlkit.routing import ShadowRunner
 
 patch_bentoml_timeout()  # BentoML's own keeps every request's timer alive for the whole timeout
+patch_bentoml_order()  # the gatekeeper in front of BentoML's metrics: what it refuses adds no series
 
 HERE = Path(__file__).resolve().parent
 REFS = json.loads((HERE/'serving.json').read_text()) if (HERE/'serving.json').is_file() else {}
