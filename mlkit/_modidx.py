@@ -249,6 +249,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlkit.gatekeeper._refusal': ('gatekeeper.html#_refusal', 'mlkit/gatekeeper.py'),
                                   'mlkit.gatekeeper._send_json': ('gatekeeper.html#_send_json', 'mlkit/gatekeeper.py'),
                                   'mlkit.gatekeeper._too_big': ('gatekeeper.html#_too_big', 'mlkit/gatekeeper.py'),
+                                  'mlkit.gatekeeper._too_wide': ('gatekeeper.html#_too_wide', 'mlkit/gatekeeper.py'),
                                   'mlkit.gatekeeper.bearer_ok': ('gatekeeper.html#bearer_ok', 'mlkit/gatekeeper.py'),
                                   'mlkit.gatekeeper.check_record': ('gatekeeper.html#check_record', 'mlkit/gatekeeper.py'),
                                   'mlkit.gatekeeper.gatekeeper_first': ('gatekeeper.html#gatekeeper_first', 'mlkit/gatekeeper.py'),

@@ -116,6 +116,8 @@ class ServeSettings:
     max_latency_ms: int = key(1000, "adaptive batching latency budget", _count)
     max_body_mb: float = key(8.0, "largest accepted request body", _positive)
     max_records: int = key(1000, "most records accepted in one /predict request (and items in one /feedback request)", _count)
+    max_record_keys: int = key(0, "most keys in one /predict record, 413 beyond (0 = twice the contract's columns plus 20)", _nonneg)
+    max_fields: int = key(0, "most keys in one /predict request, its records together, 413 beyond (0 = max_records times the contract's columns plus 2)", _nonneg)
     unknown_category: Literal['accept', 'reject'] = key('accept', "a category the model never saw: `accept` (encoded as unknown, reported) or `reject` (422)")
     threads: int = key(1, "BLAS/OpenMP threads per worker (more threads per worker collapse throughput on small machines)", _count)
     access_log: bool = key(False, "BentoML's per-request access log (costs throughput)")

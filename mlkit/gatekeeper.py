@@ -76,15 +76,29 @@ def _refusal(problems:list, noun:str, message, max_problems:int)->tuple[int, dic
     bad = len({p['index'] for p in problems})
     return 422, dict(error=f"{bad} invalid {noun}{'s' if bad > 1 else ''}: " + '; '.join(map(message, problems[:3])), errors=problems[:max_problems])
 
+def _too_wide(recs:list, n_cols:int, max_records:int, max_record_keys:int, max_fields:int)->tuple[int, dict]|None:
+    "413 for a record with more keys than `max_record_keys` or records with more than `max_fields` keys together (before any check per key)"
+    per, total = max_record_keys or 2 * n_cols + 20, max_fields or max_records * (n_cols + 2)
+    sizes = [len(r) if isinstance(r, dict) else 0 for r in recs]
+    if (i := next((i for i, n in enumerate(sizes) if n > per), None)) is not None:
+        return 413, dict(error=f"record {i} has {sizes[i]} keys; the limit is {per} ([serve] max_record_keys)",
+                         errors=[_problem(i, None, 'max_record_keys', f"{sizes[i]} > {per}")])
+    if (n := sum(sizes)) > total:
+        return 413, dict(error=f"{n} keys in the request's records; the limit is {total} ([serve] max_fields)",
+                         errors=[_problem(None, 'records', 'max_fields', f"{n} > {total}")])
+
 def validate_payload(payload, # the parsed JSON body
                      contract:dict, # the champion's data contract
                      unknown_category:str='accept', # accept or reject
                      max_records:int=1000, # most records in one request
                      max_problems:int=100, # problems listed in the answer
+                     max_record_keys:int=0, # most keys in one record (0: twice the contract's columns plus 20)
+                     max_fields:int=0, # most keys in the request (0: `max_records` times the contract's columns plus 2)
                     )->tuple[int, dict]|None:
     "None when `payload` is a valid prediction request, else (HTTP status, JSON body) naming each problem"
     recs, bad = _body_list(payload, 'records', '{"records": [ {feature: value, ...}, ... ]}', 'record', max_records)
     if bad: return bad
+    if bad := _too_wide(recs, len(contract['columns']), max_records, max_record_keys, max_fields): return bad
     problems, seen = [], {}
     for i, r in enumerate(recs):
         problems += check_record(i, r, contract, unknown_category)
@@ -190,11 +204,14 @@ class Gatekeeper:
                  api_token:str|None=None, # default `$MLKIT_API_TOKEN`; unset: no token needed
                  admin_token:str|None=None, # default `$MLKIT_ADMIN_TOKEN`; unset: /admin is disabled
                  get_log:Callable|None=None, # returns the worker's `PredictionLog`: claims the request ids clients send
+                 max_record_keys:int=0, # most keys in one /predict record (`[serve] max_record_keys`; 0: from the contract)
+                 max_fields:int=0, # most keys in one /predict request (`[serve] max_fields`; 0: from the contract)
                 ):
         self.app, self.get_state, self.get_log = app, get_state, get_log
         self.max_body, self.unknown_category, self.max_records = int(max_body_mb * 1024 * 1024), unknown_category, max_records
         self.api_token = api_token if api_token is not None else os.environ.get('MLKIT_API_TOKEN')
         self.admin_token = admin_token if admin_token is not None else os.environ.get('MLKIT_ADMIN_TOKEN')
+        self.max_record_keys, self.max_fields = max_record_keys, max_fields
         one_line_client_errors()
 
     async def _body(self, scope, receive)->tuple[bytes|None, tuple|None]:
@@ -218,7 +235,8 @@ class Gatekeeper:
         state = self.get_state()
         if path == '/predict':
             if state is None: return None, None, (503, dict(error='no model loaded yet'))
-            bad = validate_payload(payload, state.champion.contract, self.unknown_category, self.max_records)
+            bad = validate_payload(payload, state.champion.contract, self.unknown_category, self.max_records,
+                                   max_record_keys=self.max_record_keys, max_fields=self.max_fields)
         else: bad = validate_feedback(payload, self.max_records, contract=state.champion.contract if state else None)
         if bad: return None, None, bad
         try: return payload, json.dumps(payload, ensure_ascii=False).encode('utf-8'), None

@@ -45,3 +45,22 @@ def test_unknown_paths_without_a_token_add_no_series_nor_memory(server):
         assert size1 <= size0 * 1.05, (size0, size1)
         assert rss1 <= rss0 * 1.05, (rss0, rss1)
         assert c.get('/metadata', headers=AUTH).status_code == 200
+
+
+def test_wide_records_are_refused_before_any_work(server):
+    "Records with thousands of made-up keys get a 413 naming the limit; the service keeps answering normal requests"
+    from mlkit.config import load_settings
+    from mlkit.service import ServingState
+    con = ServingState.load(load_settings(server.ini, env={})).champion.contract
+    from mlkit.contract import features
+    rec = {f: None for f in features(con)}
+    wide = [{**rec, **{f'k{j}': 0 for j in range(10_000)}} for _ in range(55)]
+    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as c:
+        r = c.post('/predict', json={'records': wide})
+        assert r.status_code == 413, r.text
+        assert '[serve] max_record_keys' in r.json()['error'] and r.json()['errors'][0]['rule'] == 'max_record_keys'
+        many = [{**rec, **{f'extra_{j}': j for j in range(len(con['columns']))}} for _ in range(1000)]
+        r = c.post('/predict', json={'records': many})
+        assert r.status_code == 413, r.text
+        assert '[serve] max_fields' in r.json()['error']
+        assert c.get('/metadata').status_code == 200

@@ -100,4 +100,5 @@ class MlkitService:
 
 MlkitService.add_asgi_middleware(Gatekeeper, get_state=lambda: CURRENT.get('state'), max_body_mb=SERVE.max_body_mb,
                                  unknown_category=SERVE.unknown_category, max_records=SERVE.max_records,
-                                 get_log=lambda: CURRENT.get('log'))
+                                 get_log=lambda: CURRENT.get('log'), max_record_keys=SERVE.max_record_keys,
+                                 max_fields=SERVE.max_fields)
