@@ -47,7 +47,8 @@ def score(y_true, # true labels or values
                     r2=float(skm.r2_score(y_true, pred)) if len(y_true) > 1 else None, n=int(len(y_true)))
     res = dict(accuracy=float(skm.accuracy_score(y_true, pred)), n=int(len(y_true)))
     binary = len(classes) == 2
-    res['f1'] = float(skm.f1_score(y_true, pred, average='binary' if binary else 'macro', pos_label=classes[1] if binary else 1, labels=classes if not binary else None, zero_division=0))
+    present = [c for c in classes if c in set(y_true.tolist())] # macro-F1 over the classes present: one absent from a slice is no zero
+    res['f1'] = float(skm.f1_score(y_true, pred, average='binary' if binary else 'macro', pos_label=classes[1] if binary else 1, labels=None if binary else present, zero_division=0))
     try: res['roc_auc'] = float(skm.roc_auc_score(y_true, proba[:, 1]) if binary else skm.roc_auc_score(y_true, proba, multi_class='ovr', labels=classes))
     except ValueError: res['roc_auc'] = None  # one class only in y_true
     res['log_loss'] = float(skm.log_loss(y_true, proba, labels=classes))
