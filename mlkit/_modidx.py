@@ -351,6 +351,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'mlkit.metrics': { 'mlkit.metrics.check_metric': ('metrics.html#check_metric', 'mlkit/metrics.py'),
                                'mlkit.metrics.fmt_num': ('metrics.html#fmt_num', 'mlkit/metrics.py'),
                                'mlkit.metrics.fmt_share': ('metrics.html#fmt_share', 'mlkit/metrics.py'),
+                               'mlkit.metrics.fmt_value': ('metrics.html#fmt_value', 'mlkit/metrics.py'),
                                'mlkit.metrics.improvement': ('metrics.html#improvement', 'mlkit/metrics.py'),
                                'mlkit.metrics.score': ('metrics.html#score', 'mlkit/metrics.py')},
             'mlkit.monitor': { 'mlkit.monitor.Finding': ('monitor.html#finding', 'mlkit/monitor.py'),

@@ -12,7 +12,7 @@ from scipy import stats
 
 from .errors import DriftError, NoDataError
 from .contract import features, check_contract, as_boolean, as_floats, label_counts
-from .metrics import fmt_num
+from .metrics import fmt_num, fmt_value
 from .profile import bin_index, column_profile, distribution, psi, total_variation
 
 # %% auto #0
@@ -127,18 +127,18 @@ def _new_values(vc:pd.Series, n:int, values:list, seen:set|None)->str|None:
     new = vc[(vc > 0) & ~vc.index.isin(list(seen if seen is not None else values))].sort_values(ascending=False, kind='stable')
     if not len(new): return None
     what = 'new value' + ('s' if len(new) > 1 else '') if seen is not None else "value(s) not among training's most frequent"
-    return f"{what} " + ', '.join(f"{k!r} ({c / n:.1%})" for k, c in new.head(3).items()) + (f" and {len(new) - 3} more" if len(new) > 3 else '')
+    return f"{what} " + ', '.join(f"{fmt_value(k)} ({c / n:.1%})" for k, c in new.head(3).items()) + (f" and {len(new) - 3} more" if len(new) > 3 else '')
 
 # %% ../nbs/60_drift.ipynb #7d8919a0
 def _vanished(values:list, props:np.ndarray, known:np.ndarray)->str|None:
     "The first 3 training values with a share of 1% or more that no served row holds (`known`: served rows per value)"
-    gone = [f"{k!r} ({s:.1%} in training)" for k, s, c in zip(values, props, known) if s >= 0.01 and c == 0]
+    gone = [f"{fmt_value(k)} ({s:.1%} in training)" for k, s, c in zip(values, props, known) if s >= 0.01 and c == 0]
     return f"vanished {', '.join(gone[:3])}" if gone else None
 
 # %% ../nbs/60_drift.ipynb #307b11a0
 def _moves(values:list, props:np.ndarray, act:np.ndarray, known:np.ndarray)->str|None:
     "The (up to 3) largest moves of a bin's share, of 2 points or more; vanished values and the bin of other values left out"
-    names = [repr(k) for k in values] + ['other values', 'missing']
+    names = [fmt_value(k) for k in values] + ['other values', 'missing']
     moved = [i for i in np.argsort(-np.abs(act - props), kind='stable')[:3]
              if abs(act[i] - props[i]) >= 0.02 and i != len(values) and not (i < len(values) and known[i] == 0)]
     return ', '.join(f"{names[i]} {props[i]:.1%} -> {act[i]:.1%}" for i in moved) if moved else None
@@ -203,7 +203,7 @@ def _class_drift(t:str, y:pd.Series, prof:dict, spec:dict, th:tuple, max_shift:f
     shares = lambda p: ', '.join(f"{k} {s:.1%}" for k, s in zip(prof['values'], p))
     after = vc.reindex(prof['values'], fill_value=0).to_numpy(float) / len(y)
     new = vc[~vc.index.isin(prof['values'])]
-    extra = f"; classes unseen {seen} {', '.join(f'{k!r} ({c / len(y):.1%})' for k, c in new.items())}" if len(new) else ''
+    extra = f"; classes unseen {seen} {', '.join(f'{fmt_value(k)} ({c / len(y):.1%})' for k, c in new.items())}" if len(new) else ''
     tv = total_variation(np.r_[after, new.sum() / len(y)], prof['props'][:-1])
     if max_shift is not None and tv >= max_shift and row['p_value'] < p_value: row['level'] = 'alert'
     return row | dict(detail=f"{t}: class shares {shares(prof['props'][:-2])} -> {shares(after)}{extra} "
@@ -336,7 +336,7 @@ def _stuck(c:str, v, k:int, n:int, before:float)->dict|None:
     "A value held by `k` of `n` served rows, half of them or more and 30 points over its training share `before`, and unlikely by chance"
     share = k / n
     if share >= _STUCK_SHARE and share - before >= _STUCK_MARGIN and _rare(k, n, before):
-        return dict(feature=c, kind='stuck_value', value=v, detail=f"{c}: {v!r} in {share:.1%} of served rows ({before:.1%} in training): "
+        return dict(feature=c, kind='stuck_value', value=v, detail=f"{c}: {fmt_value(v)} in {share:.1%} of served rows ({before:.1%} in training): "
                                                                     "a column filled with a default?")
 
 # %% ../nbs/60_drift.ipynb #dce9db18
@@ -351,7 +351,7 @@ def _renamed(c:str, vc:pd.Series, n:int, prof:dict, seen:set)->list[dict]:
         _, k, s = min(cands)
         used.add(k)
         out.append(dict(feature=c, kind='renamed_category', value=[v, k],
-                        detail=f"{c}: {v!r} -> {k!r}? ({v!r}: {p0:.1%} of training rows, gone; {k!r}, unseen in training: {s:.1%} of served rows)"))
+                        detail=f"{c}: {fmt_value(v)} -> {fmt_value(k)}? ({fmt_value(v)}: {p0:.1%} of training rows, gone; {fmt_value(k)}, unseen in training: {s:.1%} of served rows)"))
     return out
 
 # %% ../nbs/60_drift.ipynb #a5cfb8f5

@@ -11,7 +11,7 @@ from .errors import MetricError
 
 # %% auto #0
 __all__ = ['CLASSIFICATION_METRICS', 'REGRESSION_METRICS', 'METRICS', 'HIGHER_IS_BETTER', 'NEEDS_PROBA', 'check_metric', 'score',
-           'improvement', 'fmt_num', 'fmt_share']
+           'improvement', 'fmt_num', 'fmt_share', 'fmt_value']
 
 # %% ../nbs/04_metrics.ipynb #ee204a77
 CLASSIFICATION_METRICS, REGRESSION_METRICS = ('roc_auc', 'accuracy', 'f1', 'log_loss'), ('rmse', 'mae', 'r2')
@@ -77,3 +77,11 @@ def fmt_share(s:float, # a share between 0 and 1
              )->str:
     "A share as a percentage, with one decimal below 10%"
     return f"{s:.0%}" if s >= 0.1 or s == 0 else f"{s:.1%}"
+
+# %% ../nbs/04_metrics.ipynb #a7f3c2e1
+def fmt_value(v, # any value, e.g. a category
+              n:int=40, # most characters
+             )->str:
+    "`repr(v)` for a sentence, cut to `n` characters with '…' (a 100,000-character value must not fill a sentence)"
+    s = repr(v)
+    return s if len(s) <= n else s[:n - 1] + '…'
