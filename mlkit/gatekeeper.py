@@ -204,15 +204,18 @@ class Gatekeeper:
                  api_token:str|None=None, # default `$MLKIT_API_TOKEN`; unset: no token needed
                  admin_token:str|None=None, # default `$MLKIT_ADMIN_TOKEN`; unset: /admin is disabled
                  get_log:Callable|None=None, # returns the worker's `PredictionLog`: claims the request ids clients send
+                 get_error:Callable|None=None, # returns why the worker has no model (its load failed), or None
                  max_record_keys:int=0, # most keys in one /predict record (`[serve] max_record_keys`; 0: from the contract)
                  max_fields:int=0, # most keys in one /predict request (`[serve] max_fields`; 0: from the contract)
                 ):
-        self.app, self.get_state, self.get_log = app, get_state, get_log
+        self.app, self.get_state, self.get_log, self.get_error = app, get_state, get_log, get_error or (lambda: None)
         self.max_body, self.unknown_category, self.max_records = int(max_body_mb * 1024 * 1024), unknown_category, max_records
         self.api_token = api_token if api_token is not None else os.environ.get('MLKIT_API_TOKEN')
         self.admin_token = admin_token if admin_token is not None else os.environ.get('MLKIT_ADMIN_TOKEN')
         self.max_record_keys, self.max_fields = max_record_keys, max_fields
         one_line_client_errors()
+
+    def _unloaded(self)->str: return self.get_error() or 'no model loaded yet'
 
     async def _body(self, scope, receive)->tuple[bytes|None, tuple|None]:
         "The whole request body, or the answer refusing it (None, None: the client went away)"
@@ -233,11 +236,11 @@ class Gatekeeper:
         except UnicodeDecodeError as e: return None, None, (400, dict(error=f"the body is not UTF-8 text: {e}", errors=[]))
         except (ValueError, RecursionError) as e: return None, None, (400, dict(error=f"malformed JSON: {str(e)[:200]}", errors=[]))
         state = self.get_state()
+        if state is None: return None, None, (503, dict(error=self._unloaded()))
         if path == '/predict':
-            if state is None: return None, None, (503, dict(error='no model loaded yet'))
             bad = validate_payload(payload, state.champion.contract, self.unknown_category, self.max_records,
                                    max_record_keys=self.max_record_keys, max_fields=self.max_fields)
-        else: bad = validate_feedback(payload, self.max_records, contract=state.champion.contract if state else None)
+        else: bad = validate_feedback(payload, self.max_records, contract=state.champion.contract)
         if bad: return None, None, bad
         try: return payload, json.dumps(payload, ensure_ascii=False).encode('utf-8'), None
         except UnicodeEncodeError as e:
@@ -254,7 +257,7 @@ class Gatekeeper:
             return await _send_json(send, 401, dict(error='token required: Authorization: Bearer <MLKIT_API_TOKEN>'), [(b'www-authenticate', b'Bearer')])
         if path == '/metadata' and method == 'GET':
             state = self.get_state()
-            return await _send_json(send, 200 if state else 503, state.describe() if state else dict(error='no model loaded yet'))
+            return await _send_json(send, 200 if state else 503, state.describe() if state else dict(error=self._unloaded()))
         if method != 'POST' or path not in (*JSON_PATHS, '/admin/reload'): return await self.app(scope, receive, send)
         ctype = _header(scope, b'content-type')
         if (path in JSON_PATHS or ctype is not None) and not json_media_type(ctype):

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .config import Settings
 from .data import read_table
-from .errors import JobFailed, MlkitError, MonitorError, RetrainRefused
+from .errors import JobFailed, MlkitError, ModelIntegrityError, MonitorError, RetrainRefused
 from .jobs import retrain
 from .db import time_window
 from .logwindow import LogWindow
@@ -26,13 +26,13 @@ from .metrics import check_metric
 from .contract import target_classes
 from .logrules import check_label
 from .predlog import PredictionLog
-from . import abtest, drift, quality
+from . import abtest, drift, quality, servenv
 
 # %% auto #0
 __all__ = ['LEVELS', 'EXIT_STATUS', 'Finding', 'MonitorRun', 'thresholds', 'holdout_eval', 'begin', 'measure_skew',
            'measure_feature_drift', 'measure_prediction_drift', 'measure_label_drift', 'measure_labels',
            'measure_drift', 'compare_with_holdout', 'measure_quality', 'measure_staleness', 'measure_ab',
-           'measure_operations', 'verdict', 'trigger_retrain', 'finish', 'run_steps']
+           'measure_operations', 'measure_dependencies', 'verdict', 'trigger_retrain', 'finish', 'run_steps']
 
 # %% ../nbs/63_monitor.ipynb #20a6700e
 LEVELS = dict(ok=0, warn=1, retrain=2)
@@ -81,7 +81,9 @@ class MonitorRun(JobRun):
     def meta_of(self, tag:str)->dict|None:
         "Stored metadata of model `tag` (None when the store no longer has it)"
         if tag not in self.models:
-            try: self.models[tag] = model_info(tag, self.settings)['metadata']
+            row = self.registry.get_model(tag) or {}
+            try: self.models[tag] = model_info(tag, self.settings, expected_entry_sha256=row.get('entry_sha256'))['metadata']
+            except ModelIntegrityError: raise  # an edited entry is not a missing one
             except MlkitError: self.models[tag] = None
         return self.models[tag]
 
@@ -151,7 +153,7 @@ def begin(settings_path:str='', # settings.ini ('' = $MLKIT_SETTINGS or the near
     run.champion, run.champion_pipe, run.champion_meta = load_champion(run)
     if run.champion is None: raise MonitorError(f"no champion in the registry of {run.settings.state_dir}: run `mlkit retrain` first, then serve it")
     if reference_model and reference_model != run.champion['tag']:
-        try: ref = model_info(reference_model, run.settings)
+        try: ref = model_info(reference_model, run.settings, expected_entry_sha256=(run.registry.get_model(reference_model) or {}).get('entry_sha256'))
         except MlkitError as e: raise MonitorError(f"reference model: {e}") from None
         run.reference = dict(tag=ref['tag'], metadata=ref['metadata'])
     else: run.reference = dict(tag=run.champion['tag'], metadata=run.champion_meta)
@@ -379,6 +381,28 @@ def measure_operations(run:MonitorRun, win:LogWindow)->pd.DataFrame:
         if ratio > th['max_latency_ratio']:
             run.add('warn', 'operations', 'challenger', f"the challenger's p99 model latency is {ratio:.1f}x the champion's (limit {th['max_latency_ratio']:g}x)")
     return ops
+
+# %% ../nbs/63_monitor.ipynb #5e7e0101
+def measure_dependencies(run:MonitorRun, # the run
+                         plog:PredictionLog, # the prediction log: its database holds what the services recorded (`mlkit.servenv`)
+                        )->dict:
+    "The library versions the services ran with in the window and the `[data] source`'s columns, against the champion's training; a `warn` per difference"
+    m, src = run.champion_meta, run.settings.data.source
+    served = servenv.serving_envs(plog.engine, run.since, run.until)
+    res = dict(trained=m.get('versions') or {}, served=[dict(e, at=e['at'].isoformat()) for e in served], changes=[], schema=[])
+    if not served: run.add('note', 'dependency', 'versions', "no service recorded its library versions in the prediction log up to the window's end")
+    for d in servenv.version_changes(res['trained'], served):
+        res['changes'].append(d)
+        run.add('warn', 'dependency', 'versions', f"library versions changed since training: {d}")
+    if trained := (m.get('data') or {}).get('schema'):
+        try: now = servenv.table_schema(read_table(src if src.startswith('builtin:') else str(run.settings.path(src))))
+        except (MlkitError, OSError) as e: run.add('note', 'dependency', 'schema', f"upstream schema not compared: {e}")
+        else:
+            for d in servenv.schema_changes(trained, now):
+                res['schema'].append(d); res['changes'].append(d)
+                run.add('warn', 'dependency', 'schema', f"{src} changed since training: {d}")
+    run.summary['dependencies'] = res
+    return res
 
 # %% ../nbs/63_monitor.ipynb #cf8f95c6
 def verdict(run:MonitorRun)->dict:

@@ -118,4 +118,7 @@ def notify_run(settings:Settings, # the project's settings
               )->list[dict]:
     "Send the event a run ended in (see `event_of`), if any"
     event = event_of(summary)
-    return notify(settings, event, summary) if event else []
+    out = notify(settings, event, summary) if event else []
+    if summary.get('status') == 'succeeded' and (changes := (summary.get('dependencies') or {}).get('changes')):
+        out += notify(settings, 'dependency', summary, reasons=changes)  # besides the verdict: a changed library or upstream schema
+    return out

@@ -45,6 +45,15 @@ def _one_of(v, choices, what):
 # %% ../nbs/30_registry.ipynb #941bd872
 def _model_name(tag:str)->str: return tag.split(':', 1)[0]
 
+def _add_new_columns(c:Connection):
+    "Add to a registry made by an older mlkit the (nullable) columns its tables lack"
+    insp = sa.inspect(c)
+    for t in registry_metadata.sorted_tables:
+        have = {col['name'] for col in insp.get_columns(t.name)}
+        for col in t.columns:
+            if col.name not in have and col.nullable:
+                c.execute(sa.text(f'ALTER TABLE {t.name} ADD COLUMN {col.name} {col.type.compile(c.dialect)}'))
+
 # %% ../nbs/30_registry.ipynb #dc4ca591
 class Registry:
     "The registry database of runs, models, promotions, holdouts and the audit trail"
@@ -52,7 +61,9 @@ class Registry:
                 ):
         self.engine = make_engine(url)
         self.url = self.engine.url.render_as_string(hide_password=True)
-        with self._write() as c: registry_metadata.create_all(c)
+        with self._write() as c:
+            registry_metadata.create_all(c)
+            _add_new_columns(c)
 
     @classmethod
     def from_settings(cls, settings)->Registry:
@@ -222,6 +233,7 @@ def register_model(self:Registry, tag:str, # BentoML tag 'name:version'
                    parent_tag:str|None=None, # the champion when it was trained
                    stage:str='challenger', # 'challenger', 'rejected' or 'archived'
                    reasons:list|None=None, # why (e.g. the gate's reasons for a rejection)
+                   entry_sha256:str|None=None, # sha256 of its whole store entry (`mlkit.store.entry_sha256`): loads check it
                   )->dict:
     "Record a model; registering the same tag with the same artifact again returns the existing row"
     if ':' not in tag: raise RegistryError(f"model tag {tag!r} must look like 'name:version'")
@@ -236,7 +248,7 @@ def register_model(self:Registry, tag:str, # BentoML tag 'name:version'
             return old
         c.execute(sa.insert(models_table).values(tag=tag, name=_model_name(tag), run_id=run_id, stage=stage, created_at=utcnow(),
                                            metrics=_stored(metrics or {}, 'metrics'), data_fingerprint=data_fingerprint,
-                                           artifact_sha256=artifact_sha256, parent_tag=parent_tag,
+                                           artifact_sha256=artifact_sha256, entry_sha256=entry_sha256, parent_tag=parent_tag,
                                            reasons=_stored(list(reasons or []), 'reasons')))
         return _get_model(c, tag)
 

@@ -51,6 +51,7 @@ models_table = sa.Table('models', registry_metadata,
     sa.Column('metrics', _json),
     sa.Column('data_fingerprint', _s),
     sa.Column('artifact_sha256', sa.String(64)),
+    sa.Column('entry_sha256', sa.String(64)), # over model.yaml (metadata, contract, profile): `mlkit.store.entry_sha256`
     sa.Column('parent_tag', _s),
     sa.Column('reasons', _json),
     sa.Index('ix_models_name', 'name'),

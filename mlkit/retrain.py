@@ -29,7 +29,7 @@ from .train import compare, evaluate, fit, fit_baseline, slice_metrics, split
 
 # %% auto #0
 __all__ = ['RATE_LIMIT_RULE', 'AUTOMATIC_TRIGGERS', 'RetrainRun', 'begin', 'load', 'same_target', 'validate', 'golden_holdout',
-           'check_poisoning', 'train', 'assess', 'versions', 'register', 'decide', 'finish', 'run_steps']
+           'check_poisoning', 'train', 'assess', 'register', 'decide', 'finish', 'run_steps']
 
 # %% ../nbs/40_retrain.ipynb #5187884e
 @dataclass
@@ -85,11 +85,12 @@ def load(run:RetrainRun, data:str='')->pd.DataFrame:
     src = data or s.data.source
     if not src.startswith('builtin:'): src = str(s.path(src))
     df = read_table(src)
+    schema = table_schema(df)  # the upstream schema as read, compared by monitoring with the source's later
     ts = s.data.timestamp_column
     if ts and ts in df:
         parsed, bad = parse_timestamps(df[ts])
         if not bad: df[ts] = parsed  # values that are not timestamps stay as read: `preflight` reports them
-    run.summary['data'] = fingerprint(df, src)
+    run.summary['data'] = fingerprint(df, src) | dict(schema=schema)
     if ts and ts in df and pd.api.types.is_datetime64_any_dtype(df[ts]) and df[ts].notna().any():  # the data's age, for monitoring
         run.summary['data'].update(time_min=df[ts].min().isoformat(), time_max=df[ts].max().isoformat())
     return df
@@ -200,11 +201,7 @@ def _git_commit(root:Path)->str:
     except (OSError, subprocess.SubprocessError): return ''
 
 # %% ../nbs/40_retrain.ipynb #44371301
-def versions()->dict:
-    "Versions of the libraries a model depends on"
-    import sklearn, bentoml, skops
-    return dict(python=platform.python_version(), mlkit=mlkit.__version__, scikit_learn=sklearn.__version__,
-                pandas=pd.__version__, numpy=np.__version__, bentoml=bentoml.__version__, skops=skops.__version__)
+from .servenv import table_schema, versions  # the versions a service records too: monitoring compares them
 
 # %% ../nbs/40_retrain.ipynb #da7e0a54
 def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contract:dict, metrics:dict)->str:
@@ -218,7 +215,7 @@ def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contra
                 trained_at=utcnow().isoformat(), parent=run.champion['tag'] if run.champion else None)
     saved = save_pipeline(pipe, s, metadata=meta, labels=dict(run_id=run.run_id), name=model_name(s))
     run.registry.register_model(saved['tag'], run.run_id, metrics, run.summary['data']['content_sha256'], saved['sha256'],
-                                parent_tag=meta['parent'], stage='challenger')
+                                parent_tag=meta['parent'], stage='challenger', entry_sha256=saved['entry_sha256'])
     run.summary['model_tag'] = saved['tag']
     return saved['tag']
 

@@ -65,10 +65,10 @@ class JobRun:
 
 # %% ../nbs/39_runs.ipynb #d15d7ebe
 def load_champion(run:JobRun)->tuple[dict|None, object, dict|None]:
-    "The champion's registry row, its pipeline (checked against the recorded sha256) and stored metadata; Nones when there is none"
+    "The champion's registry row, its pipeline (checked against the recorded sha256s) and stored metadata; Nones when there is none"
     row = run.registry.champion(model_name(run.settings))
     if row is None: return None, None, None
-    pipe, info = load_pipeline(row['tag'], run.settings, row['artifact_sha256'])
+    pipe, info = load_pipeline(row['tag'], run.settings, row['artifact_sha256'], row.get('entry_sha256'))
     return row, pipe, info['metadata']
 
 # %% ../nbs/39_runs.ipynb #658aaf19

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .config import Settings
 from .contract import features, target_classes
-from .errors import ServingError
+from .errors import MlkitError, ServingError
 from .gatekeeper import record_notes
 from .predlog import LabelConflict
 from .registry import Registry
@@ -64,7 +64,8 @@ def serving_refs(settings:Settings, # the project's settings
         if not champ: return {}
         chal = [m for m in reg.list_models(name, stage='challenger') if m['created_at'] > champ['created_at']]
         chal = max(chal, key=lambda m: m['created_at']) if chal else None
-        return dict(champion=(champ['tag'], champ['artifact_sha256']), challenger=(chal['tag'], chal['artifact_sha256']) if chal else None)
+        ref = lambda m: (m['tag'], m['artifact_sha256'], m.get('entry_sha256'))
+        return dict(champion=ref(champ), challenger=ref(chal) if chal else None)
     finally: reg.close()
 
 # %% ../nbs/50_service.ipynb #7e60a20a
@@ -76,36 +77,40 @@ class ServingState:
     router: Router
     source: str # registry or bundled
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    warnings: list = field(default_factory=list) # e.g. a challenger that could not be loaded
 
     @classmethod
     def load(cls, settings:Settings, # the project's settings
              bundled:dict|None=None, # {'champion': stored model, 'challenger': stored model|None} bundled in the bento
             )->ServingState:
-        "Load the champion (and the challenger when the routing mode uses one)"
+        "Load the champion (and the challenger when the routing mode uses one); a challenger that cannot be loaded leaves the champion alone, with a warning"
         need_challenger = settings.serve.mode != 'champion'
-        refs, variants = serving_refs(settings), {}
+        refs, variants, warnings = serving_refs(settings), {}, []
         if refs:
             source = 'registry'
-            for name in ('champion', 'challenger'):
-                if refs.get(name) and (name == 'champion' or need_challenger):
-                    pipe, info = load_pipeline(refs[name][0], settings, refs[name][1])
-                    variants[name] = Variant(name, info['tag'], pipe, info['metadata'])
+            loaders = {name: partial(load_pipeline, ref[0], settings, *ref[1:]) for name, ref in refs.items() if ref}
         elif bundled and bundled.get('champion') is not None:
             source = 'bundled'
-            for name in ('champion', 'challenger'):
-                if bundled.get(name) is not None and (name == 'champion' or need_challenger):
-                    pipe, info = load_stored(bundled[name])
-                    variants[name] = Variant(name, info['tag'], pipe, info['metadata'])
+            loaders = {name: partial(load_stored, m) for name, m in bundled.items() if m is not None}
         else: raise ServingError(f"no champion to serve: the registry of {settings.state_dir} has none and no model is bundled; "
                                  "run `mlkit retrain` first")
+        for name in ('champion', 'challenger'):
+            if name not in loaders or (name == 'challenger' and not need_challenger): continue
+            try: pipe, info = loaders[name]()
+            except MlkitError as e:
+                if name == 'champion': raise
+                warnings.append(f"the challenger could not be loaded, serving the champion alone ({settings.serve.mode} mode off): {e}")
+                print(f"mlkit: {warnings[-1]}", flush=True)
+                continue
+            variants[name] = Variant(name, info['tag'], pipe, info['metadata'])
         chal = variants.get('challenger')
         router = Router.from_settings(settings.serve, salt=chal.tag if chal else '') if chal else Router('champion')
-        return cls(variants['champion'], chal, router, source)
+        return cls(variants['champion'], chal, router, source, warnings=warnings)
 
     def describe(self)->dict:
         "Both variants, the routing, where the models came from and when: GET /metadata"
         return dict(champion=self.champion.describe(), challenger=self.challenger.describe() if self.challenger else None,
-                    routing=self.router.describe(), source=self.source, loaded_at=self.loaded_at)
+                    routing=self.router.describe(), source=self.source, loaded_at=self.loaded_at, warnings=self.warnings)
 
 # %% ../nbs/50_service.ipynb #d9adfc63
 def _py(v):

@@ -74,7 +74,8 @@ def log_traffic(settings:Settings, # the project's settings
             ch = [m for m in reg.list_models(name) if m['stage'] == 'challenger']
             if not ch: raise MonitorError("no challenger in the registry: pass tag=")
             tag = max(ch, key=lambda m: m['created_at'])['tag']
-    pipe, info = load_pipeline(tag, settings, (reg.get_model(tag) or {}).get('artifact_sha256'))
+    row = reg.get_model(tag) or {}
+    pipe, info = load_pipeline(tag, settings, row.get('artifact_sha256'), row.get('entry_sha256'))
     v = Variant(variant, info['tag'], pipe, info['metadata'])
     contract = v.contract
     recs = frame_to_records(df[[c for c in features(contract) if c in df]])

@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_store.ipynb #1ac0daf1
 from __future__ import annotations
-import hashlib, os, re, shutil, socket, sys, tempfile, time
+import hashlib, json, os, re, shutil, socket, sys, tempfile, time
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,8 @@ from .errors import ModelIntegrityError, StoreError
 from .jsonsafe import jsonable
 
 # %% auto #0
-__all__ = ['ARTIFACT', 'TRUSTED_TYPES', 'STAGING', 'store_home', 'use_store', 'safe_name', 'model_name', 'save_pipeline',
-           'model_info', 'load_pipeline', 'load_stored', 'list_store', 'delete_model']
+__all__ = ['ARTIFACT', 'TRUSTED_TYPES', 'STAGING', 'store_home', 'use_store', 'safe_name', 'model_name', 'entry_sha256',
+           'save_pipeline', 'model_info', 'load_pipeline', 'load_stored', 'list_store', 'delete_model']
 
 # %% ../nbs/31_store.ipynb #51423013
 def store_home(settings)->Path:
@@ -130,6 +130,20 @@ def _publish(staged:Path, models_dir:Path, name:str, version:str)->Path:
     _fsync(dst.parent)
     return dst
 
+# %% ../nbs/31_store.ipynb #e4a1c0d1
+def entry_sha256(model, # a BentoML stored model
+                )->str:
+    "sha256 over everything a model's entry says besides its artifact (metadata with the artifact's sha256, contract, profile, metrics; labels; module), as canonical JSON"
+    doc = dict(metadata=dict(model.info.metadata), labels=dict(model.info.labels), module=model.info.module)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(',', ':'), default=str).encode()).hexdigest()
+
+def _check_entry(model, expected:str|None):
+    "Refuse a model whose entry (model.yaml) no longer hashes to what the registry recorded"
+    if expected and (got := entry_sha256(model)) != expected:
+        raise ModelIntegrityError(f"model '{model.tag}': {Path(model.path)/'model.yaml'} changed since the model was registered "
+                                  f"(entry sha256 {got[:12]}…, the registry recorded {expected[:12]}…): its metadata, contract or metrics "
+                                  "were edited; refusing to load it")
+
 # %% ../nbs/31_store.ipynb #5b291f93
 def save_pipeline(pipeline, # a fitted scikit-learn pipeline (or any object skops can save)
                   settings, # the project's settings
@@ -137,7 +151,7 @@ def save_pipeline(pipeline, # a fitted scikit-learn pipeline (or any object skop
                   labels:dict|None=None, # short string labels (BentoML labels), e.g. {'stage': 'challenger'}
                   name:str|None=None, # model name; default `model_name(settings)`
                  )->dict:
-    "Save `pipeline` to the project's model store in the skops format; returns tag, sha256, path (model folder), artifact (file)"
+    "Save `pipeline` to the project's model store in the skops format; returns tag, sha256 (the artifact's), entry_sha256 (`entry_sha256`), path (model folder), artifact (file)"
     import bentoml
     from bentoml._internal.models import ModelStore
     store = _model_store(settings)
@@ -157,7 +171,8 @@ def save_pipeline(pipeline, # a fitted scikit-learn pipeline (or any object skop
             with open(m.path_of(ARTIFACT), 'wb') as f: f.write(data)
         dst = _publish(work/m.tag.name/m.tag.version, Path(store._path), m.tag.name, m.tag.version)
     finally: shutil.rmtree(work, ignore_errors=True)
-    return dict(tag=str(m.tag), sha256=digest, path=str(dst), artifact=str(dst/ARTIFACT))
+    entry = entry_sha256(store.get(str(m.tag)))  # as read back: what a later load hashes
+    return dict(tag=str(m.tag), sha256=digest, entry_sha256=entry, path=str(dst), artifact=str(dst/ARTIFACT))
 
 # %% ../nbs/31_store.ipynb #db15eaba
 def _drop_none(v):
@@ -189,9 +204,12 @@ def _info(m)->dict:
 def model_info(tag:str, # 'name:version', 'name:latest' or 'name'
                settings, # the project's settings
                verify:bool=False, # also hash the artifact and report `intact`
+               expected_entry_sha256:str|None=None, # the entry sha256 the registry recorded: a mismatch raises `ModelIntegrityError`
               )->dict:
     "What the store knows about a model, without loading it"
-    info = _info(_get(_model_store(settings), tag))
+    m = _get(_model_store(settings), tag)
+    _check_entry(m, expected_entry_sha256)
+    info = _info(m)
     p = Path(info['artifact'])
     info['size'] = p.stat().st_size if p.is_file() else None
     if verify: info['intact'] = p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() == info['sha256']
@@ -201,15 +219,18 @@ def model_info(tag:str, # 'name:version', 'name:latest' or 'name'
 def load_pipeline(tag:str, # 'name:version', 'name:latest' or 'name'
                   settings, # the project's settings
                   expected_sha256:str|None=None, # the sha256 the registry recorded, checked too when given
+                  expected_entry_sha256:str|None=None, # the entry sha256 the registry recorded (metadata, contract, profile), checked too when given
                  )->tuple[Any, dict]:
     "Check and load a stored pipeline; returns it and its info (tag, metadata, creation_time, ...)"
-    return load_stored(_get(_model_store(settings), tag), expected_sha256)
+    return load_stored(_get(_model_store(settings), tag), expected_sha256, expected_entry_sha256)
 
 # %% ../nbs/31_store.ipynb #025233c2
 def load_stored(model, # a BentoML stored model (from a store, or a service's `BentoModel` resolved in a bento)
                 expected_sha256:str|None=None, # a sha256 recorded elsewhere, checked too when given
+                expected_entry_sha256:str|None=None, # an `entry_sha256` recorded elsewhere, checked too when given
                )->tuple[Any, dict]:
     "Check and load the pipeline of a BentoML model object; returns it and its info"
+    _check_entry(model, expected_entry_sha256)
     info = _info(model)
     tag, meta, path = info['tag'], info['metadata'], Path(info['artifact'])
     if meta.get('format') != 'skops':

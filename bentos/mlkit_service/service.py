@@ -6,7 +6,7 @@ Run it with `mlkit serve` (models from the project's registry and model store) o
 (models bundled in the bento). Endpoints: POST /predict, POST /feedback, GET /metadata, POST /admin/reload,
 BentoML's /livez, /readyz and /metrics.
 """
-import json, os
+import json, os, sys
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +26,7 @@ from mlkit import service as svc
 from mlkit.gatekeeper import Gatekeeper, patch_bentoml_order, patch_bentoml_timeout
 from mlkit.predlog import PredictionLog
 from mlkit.routing import ShadowRunner
+from mlkit.servenv import record_serving_env
 
 patch_bentoml_timeout()  # BentoML's own keeps every request's timer alive for the whole timeout
 patch_bentoml_order()  # the gatekeeper in front of BentoML's metrics: what it refuses adds no series
@@ -59,15 +60,22 @@ class MlkitService:
         self._limits = threadpool_limits(SERVE.threads)
         self._bundled = dict(champion=self.champion_model, challenger=self.challenger_model)
         self.log = CURRENT['log'] = PredictionLog.from_settings(SETTINGS)
+        try: record_serving_env(self.log.engine)  # the versions this worker serves with, for the monitoring job's dependency check
+        except Exception as e: print(f"mlkit: serving versions not recorded: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         self.shadow = ShadowRunner(linger=SHADOW_LINGER_S)
         self.observe = svc.Outcomes(lambda: self.state, PREDICTIONS, ERRORS, LATENCY)
         self.watcher = svc.ReloadWatcher(STAMP, self._load)
-        self._load()
+        try: self._load()
+        except Exception as e:  # no crash loop: the worker stays up, not ready, answering 503 with the reason until a reload succeeds
+            self.state = CURRENT['state'] = None
+            CURRENT['error'] = f"no model loaded: {type(e).__name__}: {e}"
+            print(f"mlkit: {CURRENT['error']}", file=sys.stderr, flush=True)
         self.watcher.start()
 
     def _load(self):
         "The watcher's reload: load the models and swap them in with one reference swap (a request uses one state throughout)"
         self.state = CURRENT['state'] = svc.ServingState.load(SETTINGS, bundled=self._bundled)
+        CURRENT.pop('error', None)
         svc.settle_heap()  # libraries and models loaded: full garbage collections now skip them
         return self.state
 
@@ -98,7 +106,7 @@ class MlkitService:
         self.log.close()
 
 
-MlkitService.add_asgi_middleware(Gatekeeper, get_state=lambda: CURRENT.get('state'), max_body_mb=SERVE.max_body_mb,
+MlkitService.add_asgi_middleware(Gatekeeper, get_state=lambda: CURRENT.get('state'), get_error=lambda: CURRENT.get('error'), max_body_mb=SERVE.max_body_mb,
                                  unknown_category=SERVE.unknown_category, max_records=SERVE.max_records,
                                  get_log=lambda: CURRENT.get('log'), max_record_keys=SERVE.max_record_keys,
                                  max_fields=SERVE.max_fields)
