@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mlkit-installed
 SYNC_MSG := notebooks and library are out of sync: edit nbs/, run nbdev-export (and make readme), commit both
 TRACKED := find nbs mlkit README.md -type f ! -path '*/__pycache__/*' ! -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum
 
-.PHONY: demo test install test-deps sync-check clean-check export-check readme nbtest pytest bench lab test-airflow airflow-venv test-seeds
+.PHONY: demo test install test-deps sync-check clean-check export-check readme nbtest pytest bench lab test-airflow airflow-venv test-seeds test-demo
 
 ## (re)install when .venv is missing or pyproject.toml / constraints.txt changed (by content)
 install:
@@ -83,3 +83,7 @@ lab: install
 ## the poisoning checks and the gate over ten seeds per task (binary, multiclass, regression): minutes, so not in `make test`
 test-seeds: install
 	MLKIT_SEED_TESTS=1 $(BIN)/pytest -q -s -p no:cacheprovider tests/seeds
+
+## `make demo` end to end in a scratch copy of the project (the tour's output checked step by step): minutes, so not in `make test`
+test-demo: install
+	MLKIT_DEMO_TEST=1 $(BIN)/pytest -q -p no:cacheprovider tests/demo

@@ -160,10 +160,11 @@ def serve(port:int=None, # port to listen on (default: [serve] port)
          ):
     "Start the BentoML service (bentoml serve) with the current champion, on 127.0.0.1 by default"
     from mlkit.bento import serve_command, service_env  # on use: `mlkit --help` must not load ML libraries
-    from mlkit.service import serving_refs  # on use: `mlkit --help` must not load ML libraries
+    from mlkit.service import ServingState, serving_refs  # on use: `mlkit --help` must not load ML libraries
     s = load_settings()
     refs = serving_refs(s)
     if not refs: raise MlkitError(f"no champion in the registry of {s.state_dir}: run `mlkit retrain` first")
+    for w in ServingState.load(s).warnings: print(f"mlkit serve: warning: {w}", flush=True)  # a champion that cannot be loaded stops here, with the reason
     cmd = serve_command(s, port, host)
     print(f"mlkit serve: champion {refs['champion'][0]}, mode {s.serve.mode}, http://{cmd[4]}:{cmd[6]}", flush=True)
     os.execve(cmd[0], cmd, service_env(s, MLKIT_SERVE_WORKERS=workers))
@@ -244,21 +245,29 @@ def new(path:str, # folder of the new project
 # %% ../nbs/90_cli.ipynb #a22d3b22
 @command
 def demo():
-    "Run the tour on the embedded default data set: retrain, build and serve the bento, send traffic, monitor it"
+    "Run the tour on the embedded default data set: retrain, refuse a poisoned batch, build and serve the bento, send traffic, monitor it, run the schedule once"
+    from unittest.mock import patch
     from mlkit.jobs import retrain as run_retrain  # on use: `mlkit --help` must not load ML libraries
-    s, reg = _settings_registry()
-    print(f"mlkit {mlkit.__version__}: project {s.project.name!r}, data {s.data.source}, settings {s.file}\n")
-    print("== retraining job (papermill runs nbs/jobs/retrain.ipynb)")
-    try: print_retrain(run_retrain(), s)
-    except RetrainRefused as e: print(f"refused: {e}\n(the rate limit in [schedule] is working; `mlkit retrain --force` overrides it)")
-    print("\n== models")
-    models()
-    print("\n== runs")
-    runs(limit=5)
-    print()
-    from mlkit.demo import monitoring_tour, serving_tour  # on use: `mlkit --help` must not load ML libraries
-    serving_tour(s)
-    monitoring_tour(s)
+    from mlkit.demo import WebhookPrinter, monitoring_tour, poisoning_tour, schedule_tour, serving_tour  # as above
+    with WebhookPrinter() as hook:
+        hooks = ', '.join([*load_settings().notify.webhooks, hook.url])
+        with patch.dict(os.environ, MLKIT_NOTIFY_WEBHOOKS=hooks):  # the job kernels and `mlkit serve` inherit it
+            s, reg = _settings_registry()
+            print(f"mlkit {mlkit.__version__}: project {s.project.name!r}, data {s.data.source}, settings {s.file}")
+            print(f"notifications: a webhook receiver on {hook.url} prints what it gets ([webhook] lines)\n")
+            print("== retraining job (papermill runs nbs/jobs/retrain.ipynb)")
+            try: print_retrain(run_retrain(), s)
+            except RetrainRefused as e: print(f"refused: {e}\n(the rate limit in [schedule] is working; `mlkit retrain --force` overrides it)")
+            print("\n== models")
+            models()
+            print("\n== runs")
+            runs(limit=5)
+            poisoning_tour(s)
+            print()
+            serving_tour(s)
+            monitoring_tour(s)
+            schedule_tour(s)
+        print(f"\n== notifications: the receiver got {len(hook.bodies)}: {', '.join(hook.events()) or 'none'}")
 
 # %% ../nbs/90_cli.ipynb #8a325038
 def export_logs(since:str=None, # start of the window: ISO date or time, UTC unless it has an offset (default: the first prediction)
