@@ -75,7 +75,7 @@ test-airflow: install airflow-venv
 
 bench: install
 	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null || { echo "bench/serve.py needs wrk (apt-get install wrk)"; exit 1; }
-	@for b in retrain serve predlog monitor; do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
+	@for b in retrain serve predlog monitor gatekeeper; do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 lab: install
 	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser

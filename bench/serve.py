@@ -2,10 +2,13 @@
 
 Trains a champion in a scratch project, then drives single-record POST /predict requests with wrk on 127.0.0.1 at
 concurrency 1, 8 and 32 against:
-  mlkit:  `mlkit serve` (BentoML, adaptive batching, input validation, prediction log on), [serve] workers
+  mlkit:  `mlkit serve` (BentoML, adaptive batching, input validation, prediction log on and durable), [serve] workers
+  async:  the same with `[serve] log_durable = false` (answers before their rows are committed), run alternately
+          with a second durable server, both up at once
   plain:  bench/plain_app.py, FastAPI + uvicorn with the same number of workers, predict once per request, no log
 and measures the in-process predict limit of the same pipeline for batches of 1, 64 and 1,024 rows.
-Target at concurrency 32: mlkit >= 1.5x plain's throughput, p99 < 100 ms, no 503 (non-2xx answers are counted).
+Target at concurrency 32: mlkit >= 1.5x plain's throughput, p99 < 100 ms, no 503 (non-2xx answers are counted);
+the durable log costs at most 15 % of the asynchronous writer's throughput.
 Needs wrk (Debian package `wrk`; `make bench` installs it when missing).
 """
 import json, os, re, shutil, signal, subprocess, sys, tempfile, time
@@ -77,6 +80,14 @@ def run(ini, load_before):
     from mlkit.predlog import PredictionLog
     from mlkit import logread  # noqa: F401  adds PredictionLog.count
     logged = PredictionLog.from_settings(s).count()
+    # durable against asynchronous logging: both servers up at once, runs alternated, so that a change in the machine's load hits both
+    with Server(ini, workers=workers) as dur, Server(ini, workers=workers, env={'MLKIT_SERVE_LOG_DURABLE': 'false'}) as asy:
+        for c in LEVELS:
+            runs = {'durable': [], 'async': []}
+            for _ in range(2):
+                for name, srv in (('durable', dur), ('async', asy)): runs[name].append(wrk(f'{srv.url}/predict', body, c))
+            for name, rs in runs.items():
+                results[(name, c)] = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
     # shadow mode: a challenger predicts every request for the log only; the answer must not get slower
     from mlkit.registry import Registry
     chal = run_steps(str(ini), model='logistic_regression', force=True)['model_tag']
@@ -110,6 +121,11 @@ def run(ini, load_before):
         a, b = results[('champion-again', c)], results[('shadow', c)]
         print(f"shadow mode at concurrency {c}: p50 {b['p50']:.1f} ms vs {a['p50']:.1f} ms without ({(b['p50'] / a['p50'] - 1):+.0%}), "
               f"p99 {b['p99']:.1f} vs {a['p99']:.1f} ms, {b['rps']:.0f} vs {a['rps']:.0f} req/s")
+    for c in LEVELS:
+        d, a = results[('durable', c)], results[('async', c)]
+        cost = 1 - d['rps'] / a['rps'] if a['rps'] else float('nan')
+        print(f"durable log at concurrency {c}: {d['rps']:.0f} vs {a['rps']:.0f} req/s asynchronous ({cost:+.1%} cost, target <= 15%), "
+              f"p99 {d['p99']:.1f} vs {a['p99']:.1f} ms (two alternated runs of each, averaged)")
     c = max(LEVELS)
     m, p = results[('mlkit', c)], results[('plain', c)]
     ratio = m['rps'] / p['rps'] if p['rps'] else float('nan')

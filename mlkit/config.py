@@ -130,6 +130,8 @@ class ServeSettings:
     log_url: str = key('', "SQLAlchemy URL of the prediction log ('' = SQLite file in the state folder)")
     log_batch_size: int = key(500, "prediction log rows written per batch", _count)
     log_flush_ms: int = key(200, "longest a logged prediction waits before it is written", _count)
+    log_durable: bool = key(True, "answer /predict only once its rows are committed to the prediction log, so a crash loses no answered prediction (false: answer at once, the rows follow within log_flush_ms)")
+    log_wait_s: float = key(10.0, "with log_durable: longest an answer waits for its rows to be committed; past it, or when a row is lost, 503", _seconds)
     # a canary that starts (or is capped) at 0 never routes a request to the challenger, so it can never be judged
     rules: ClassVar[tuple[Rule, ...]] = (Rule('challenger_share', _canary_share, lambda s: s.mode == 'canary'),
                                          Rule('canary_max_share', _canary_share, lambda s: s.mode == 'canary'))

@@ -8,7 +8,11 @@ import asyncio, hmac, json, logging, math, os, sys
 from typing import Callable
 
 from .contract import features, target_classes
+from concurrent.futures import ThreadPoolExecutor
+from .errors import PredictionLogError
 from .logrules import check_feedback
+
+_logger = logging.getLogger('mlkit.gatekeeper')
 
 # %% auto #0
 __all__ = ['OPEN_PATHS', 'JSON_PATHS', 'check_record', 'validate_payload', 'validate_feedback', 'record_notes', 'json_media_type',
@@ -207,15 +211,21 @@ class Gatekeeper:
                  get_error:Callable|None=None, # returns why the worker has no model (its load failed), or None
                  max_record_keys:int=0, # most keys in one /predict record (`[serve] max_record_keys`; 0: from the contract)
                  max_fields:int=0, # most keys in one /predict request (`[serve] max_fields`; 0: from the contract)
+                 durable_s:float=0, # with `get_log`: answer /predict only once the rows it logged are committed, waiting at most this long (0: at once)
                 ):
         self.app, self.get_state, self.get_log, self.get_error = app, get_state, get_log, get_error or (lambda: None)
         self.max_body, self.unknown_category, self.max_records = int(max_body_mb * 1024 * 1024), unknown_category, max_records
         self.api_token = api_token if api_token is not None else os.environ.get('MLKIT_API_TOKEN')
         self.admin_token = admin_token if admin_token is not None else os.environ.get('MLKIT_ADMIN_TOKEN')
-        self.max_record_keys, self.max_fields = max_record_keys, max_fields
+        self.max_record_keys, self.max_fields, self.durable_s = max_record_keys, max_fields, durable_s
         one_line_client_errors()
 
     def _unloaded(self)->str: return self.get_error() or 'no model loaded yet'
+
+    def _waiter(self)->ThreadPoolExecutor:
+        "Threads that wait for the prediction log's commits: one per answer in flight (asyncio's default pool has a few, which would queue the answers)"
+        if getattr(self, '_waits', None) is None: self._waits = ThreadPoolExecutor(256, thread_name_prefix='mlkit-log-wait')
+        return self._waits
 
     async def _body(self, scope, receive)->tuple[bytes|None, tuple|None]:
         "The whole request body, or the answer refusing it (None, None: the client went away)"
@@ -264,17 +274,19 @@ class Gatekeeper:
             return await _send_json(send, 415, dict(error=f"Content-Type must be application/json (optionally with charset=utf-8), got {ctype!r:.80}"))
         body, refused = await self._body(scope, receive)
         if body is None: return await _send_json(send, *refused) if refused else None
-        ids = []
+        ids, log = [], self.get_log() if self.get_log and path == '/predict' else None
         if path in JSON_PATHS:
             payload, body, refused = self._check(path, body)
             if refused: return await _send_json(send, *refused)
-            if path == '/predict' and (log := self.get_log() if self.get_log else None) is not None:
+            if log is not None:
                 ids = [r['request_id'] for r in payload['records'] if r.get('request_id') is not None]
                 if ids and (taken := await asyncio.to_thread(log.claim, ids)): return await _send_json(send, *used_ids(taken, payload['records']))
         else: body = b''  # /admin/reload takes no input
         headers = [(k, v) for k, v in scope['headers'] if k not in (b'content-length', b'content-type')]
         scope = dict(scope, headers=[*headers, (b'content-type', b'application/json'), (b'content-length', str(len(body)).encode())])
-        sent, status = False, None
+        sent, status, held = False, None, []
+        durable = bool(self.durable_s) and log is not None
+        mark = log.mark() if durable else 0
         async def replay():
             nonlocal sent
             if sent: return await receive()
@@ -283,8 +295,16 @@ class Gatekeeper:
         async def send_(msg):
             nonlocal status
             if msg['type'] == 'http.response.start': status = msg['status']
+            if durable and status == 200: return held.append(msg)  # answered once the rows are committed
             await send(msg)
-        try: return await self.app(scope, replay, send_)
+        try:
+            await self.app(scope, replay, send_)
+            if not held: return
+            try: await asyncio.get_running_loop().run_in_executor(self._waiter(), log.wait_logged, mark, log.mark(), self.durable_s)
+            except PredictionLogError as e:
+                _logger.error(f"/predict answered 503: its predictions are not in the prediction log: {e}")
+                return await _send_json(send, 503, dict(error=f"the predictions could not be written to the prediction log, so they are not answered: {e}"))
+            for m in held: await send(m)
         finally:
             if ids and (status is None or status >= 300): await asyncio.to_thread(log.release, ids)  # not predicted: the ids stay free
 

@@ -70,6 +70,7 @@ class PredictionLog:
         self._stop = False
         self._thread = None
         self._written = self._failed = self._dropped = self._rejected = 0
+        self._lost = deque(maxlen=1000) # (first, last) sequence numbers of rows dropped or refused, for `wait_logged`
         self._last_error, self._warned_at = None, 0.0
 
     def _create_table(self):
@@ -156,6 +157,7 @@ def _encode_batch(self:PredictionLog, inflight:list)->list:
     with self._cv:
         self._inflight = [e for e in self._inflight if not any(e is b for b in bad)]
         self._rejected += len(bad)
+        self._lost.extend((e[0], e[0]) for e in bad)
         return list(self._inflight)
 
 # %% ../nbs/46_predlog.ipynb #61a1e0e8
@@ -194,6 +196,7 @@ def _loop(self:PredictionLog):
         with self._cv:
             self._written += len(inflight) - rejected
             self._rejected += rejected
+            if rejected: self._lost.append((inflight[0][0], inflight[-1][0])) # which rows is not known: the whole batch counts
             self._inflight = []
             self._cv.notify_all()
 
@@ -221,13 +224,13 @@ def _warn(self:PredictionLog, msg:str):
 # %% ../nbs/46_predlog.ipynb #3b66bf87
 @patch
 def log(self:PredictionLog, rows:list[dict], # predictions to log (see the table above for the keys)
-        )->None:
-    "Check `rows` and queue them for the writer thread; returns at once"
+        )->int:
+    "Check `rows` and queue them for the writer thread; returns at once, with the sequence number of the last row queued (`mark`)"
     if isinstance(rows, dict): raise PredictionLogError("log() takes a list of rows (dicts), got one dict; wrap it in a list")
     now = utcnow()
     vals = [check_row(r, i, now) for i, r in enumerate(rows)]
-    if not vals: return
     self._forked()
+    if not vals: return self._seq
     if self._closed: raise PredictionLogError(f"{self!r} is closed")
     t, dropped = time.monotonic(), 0
     with self._cv:
@@ -235,8 +238,10 @@ def log(self:PredictionLog, rows:list[dict], # predictions to log (see the table
         self._q.extend((seq + k, t, v) for k, v in enumerate(vals, 1))
         self._seq = seq + len(vals)
         if (over := len(self._q) - self.max_queue) > 0:
-            for _ in range(over): self._q.popleft()
+            first = self._q[0][0]
+            for _ in range(over): last = self._q.popleft()[0]
             self._dropped += over; dropped = over
+            self._lost.append((first, last))
         if self._thread is None or not self._thread.is_alive(): # the first log(), or the writer died of a bug
             if self._thread is None: atexit.register(self._at_exit)
             self._thread = threading.Thread(target=self._run, name='mlkit-predlog-writer', daemon=True)
@@ -244,6 +249,7 @@ def log(self:PredictionLog, rows:list[dict], # predictions to log (see the table
         elif was_empty or len(self._q) >= self.batch_size: self._cv.notify()
     if dropped: self._warn(f"prediction log queue full ({self.max_queue} rows): dropped the {dropped} oldest rows "
                            f"({self._dropped} in all); last error: {self._last_error}")
+    return seq + len(vals)
 
 # %% ../nbs/46_predlog.ipynb #1ee30d23
 @patch
@@ -263,24 +269,49 @@ def _oldest(self:PredictionLog)->float:
 
 # %% ../nbs/46_predlog.ipynb #6a9bb958
 @patch
+def _wait_upto(self:PredictionLog, target:int, # sequence number
+               timeout:float|None, # seconds; None = as long as it takes
+              ):
+    "With the lock held: wait until every row up to sequence number `target` is written; `PredictionLogError` if that does not happen"
+    if self._oldest() > target: return
+    self._flushing += 1 # the writer takes what is queued now, without waiting for flush_ms
+    self._cv.notify_all()
+    alive = lambda: self._thread is not None and self._thread.is_alive()
+    try: done = self._cv.wait_for(lambda: self._oldest() > target or not alive(), timeout)
+    finally: self._flushing -= 1
+    if done and self._oldest() <= target:
+        raise PredictionLogError(f"prediction log: {len(self._q) + len(self._inflight)} rows queued but no writer ({self._last_error}); "
+                                 "the next log() starts a new one")
+    if not done:
+        raise PredictionLogError(f"prediction log: {len(self._q) + len(self._inflight)} rows still queued after {timeout} s "
+                                 f"(last error: {self._last_error})")
+
+@patch
 def flush(self:PredictionLog, timeout:float|None=None, # seconds to wait at most; None = as long as it takes
           )->None:
     "Block until every row queued so far is committed; `PredictionLogError` after `timeout`"
     self._forked()
+    with self._cv: self._wait_upto(self._seq, timeout)
+
+@patch
+def mark(self:PredictionLog)->int:
+    "Sequence number of the last row this process queued (0 before the first)"
+    self._forked()
+    with self._cv: return self._seq
+
+@patch
+def wait_logged(self:PredictionLog, after:int, # a `mark()` taken before the rows were queued
+                upto:int, # a `mark()` taken after (or what `log` returned)
+                timeout:float|None=None, # seconds to wait at most
+               )->None:
+    "Block until the rows queued between two marks are committed; `PredictionLogError` naming why when one was dropped, refused or is still waiting after `timeout`"
+    self._forked()
+    if upto <= after: return
     with self._cv:
-        target = self._seq
-        if self._oldest() > target: return
-        self._flushing += 1
-        self._cv.notify_all()
-        alive = lambda: self._thread is not None and self._thread.is_alive()
-        try: done = self._cv.wait_for(lambda: self._oldest() > target or not alive(), timeout)
-        finally: self._flushing -= 1
-        if done and self._oldest() <= target:
-            raise PredictionLogError(f"prediction log: {len(self._q) + len(self._inflight)} rows queued but no writer ({self._last_error}); "
-                                     "the next log() starts a new one")
-        if not done:
-            raise PredictionLogError(f"prediction log: {len(self._q) + len(self._inflight)} rows still queued after {timeout} s "
-                                     f"(last error: {self._last_error})")
+        self._wait_upto(upto, timeout)
+        lost = sum(min(b, upto) - max(a, after + 1) + 1 for a, b in self._lost if a <= upto and b > after)
+    if lost: raise PredictionLogError(f"prediction log: {lost} of the {upto - after} rows were not written "
+                                      f"(dropped from a full queue or refused by the database; last error: {self._last_error})")
 
 # %% ../nbs/46_predlog.ipynb #2e530be7
 @patch

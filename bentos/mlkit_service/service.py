@@ -109,4 +109,4 @@ class MlkitService:
 MlkitService.add_asgi_middleware(Gatekeeper, get_state=lambda: CURRENT.get('state'), get_error=lambda: CURRENT.get('error'), max_body_mb=SERVE.max_body_mb,
                                  unknown_category=SERVE.unknown_category, max_records=SERVE.max_records,
                                  get_log=lambda: CURRENT.get('log'), max_record_keys=SERVE.max_record_keys,
-                                 max_fields=SERVE.max_fields)
+                                 max_fields=SERVE.max_fields, durable_s=SERVE.log_wait_s if SERVE.log_durable else 0)
