@@ -244,7 +244,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mlkit.gatekeeper.Gatekeeper._body': ('gatekeeper.html#gatekeeper._body', 'mlkit/gatekeeper.py'),
                                   'mlkit.gatekeeper.Gatekeeper._check': ('gatekeeper.html#gatekeeper._check', 'mlkit/gatekeeper.py'),
                                   'mlkit.gatekeeper.Gatekeeper._unloaded': ('gatekeeper.html#gatekeeper._unloaded', 'mlkit/gatekeeper.py'),
-                                  'mlkit.gatekeeper.Gatekeeper._waiter': ('gatekeeper.html#gatekeeper._waiter', 'mlkit/gatekeeper.py'),
                                   'mlkit.gatekeeper.RequestTimeout': ('gatekeeper.html#requesttimeout', 'mlkit/gatekeeper.py'),
                                   'mlkit.gatekeeper.RequestTimeout.__call__': ( 'gatekeeper.html#requesttimeout.__call__',
                                                                                 'mlkit/gatekeeper.py'),

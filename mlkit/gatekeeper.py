@@ -218,14 +218,11 @@ class Gatekeeper:
         self.api_token = api_token if api_token is not None else os.environ.get('MLKIT_API_TOKEN')
         self.admin_token = admin_token if admin_token is not None else os.environ.get('MLKIT_ADMIN_TOKEN')
         self.max_record_keys, self.max_fields, self.durable_s = max_record_keys, max_fields, durable_s
+        # threads that wait for the log's commits, one per answer in flight (asyncio's default pool has a few and would queue answers)
+        self._waits = ThreadPoolExecutor(256, thread_name_prefix='mlkit-log-wait') if durable_s else None
         one_line_client_errors()
 
     def _unloaded(self)->str: return self.get_error() or 'no model loaded yet'
-
-    def _waiter(self)->ThreadPoolExecutor:
-        "Threads that wait for the prediction log's commits: one per answer in flight (asyncio's default pool has a few, which would queue the answers)"
-        if getattr(self, '_waits', None) is None: self._waits = ThreadPoolExecutor(256, thread_name_prefix='mlkit-log-wait')
-        return self._waits
 
     async def _body(self, scope, receive)->tuple[bytes|None, tuple|None]:
         "The whole request body, or the answer refusing it (None, None: the client went away)"
@@ -300,7 +297,7 @@ class Gatekeeper:
         try:
             await self.app(scope, replay, send_)
             if not held: return
-            try: await asyncio.get_running_loop().run_in_executor(self._waiter(), log.wait_logged, mark, log.mark(), self.durable_s)
+            try: await asyncio.get_running_loop().run_in_executor(self._waits, log.wait_logged, mark, log.mark(), self.durable_s)
             except PredictionLogError as e:
                 _logger.error(f"/predict answered 503: its predictions are not in the prediction log: {e}")
                 return await _send_json(send, 503, dict(error=f"the predictions could not be written to the prediction log, so they are not answered: {e}"))

@@ -1,5 +1,5 @@
 "Notifications from real job runs to a webhook receiver on 127.0.0.1: one JSON body per event, with the documented fields"
-import http.server, json, os, subprocess, threading
+import json, os, subprocess
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -9,6 +9,7 @@ import pytest
 from conftest import BIN, ROOT
 from mlkit import datasets
 from mlkit.config import load_settings
+from mlkit.demo import WebhookPrinter  # an incoming-webhook stand-in on 127.0.0.1 that keeps every JSON body
 from mlkit.jobs import scratch_project
 from mlkit.monitor import run_steps as monitor_steps
 from mlkit.registry import Registry
@@ -18,27 +19,9 @@ from mlkit.simulate import log_traffic
 FIELDS = {'event', 'project', 'run_id', 'kind', 'trigger', 'verdict', 'reasons', 'model_tag', 'champion', 'report', 'at', 'text'}
 
 
-class Receiver(http.server.ThreadingHTTPServer):
-    "An incoming-webhook stand-in: keeps every JSON body POSTed to it"
-    def __init__(self):
-        self.bodies = []
-        outer = self
-        class H(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.bodies.append(json.loads(self.rfile.read(int(self.headers['Content-Length']))))
-                self.send_response(200); self.end_headers(); self.wfile.write(b'ok')
-            def log_message(self, *a): pass
-        super().__init__(('127.0.0.1', 0), H)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    def events(self): return [b['event'] for b in self.bodies]
-
-
 @pytest.fixture(scope='module')
 def hook():
-    r = Receiver()
-    yield r
-    r.shutdown()
+    with WebhookPrinter(out=lambda line: None) as r: yield r
 
 
 @pytest.fixture(scope='module')

@@ -11,9 +11,9 @@ import yaml
 from anydata import write_project
 from conftest import BIN, free_port
 from service_util import BASE_ENV, Server
-from test_notify import Receiver
 from mlkit.bento import serve_command, service_env
 from mlkit.config import load_settings
+from mlkit.demo import WebhookPrinter
 from mlkit.monitor import run_steps as monitor_steps
 from mlkit.predlog import PredictionLog
 from mlkit.registry import Registry
@@ -126,7 +126,7 @@ def test_the_monitoring_job_sees_what_the_service_runs_with(project):
     record_serving_env(plog.engine, found={**versions(), 'scikit_learn': '0.0.1'}, at=now)
     src, text = Path(s.data.source), ini.read_text()
     table = src.read_text()
-    hook = Receiver()
+    hook = WebhookPrinter(out=lambda line: None)
     try:
         src.write_text(table.replace('spend', 'spend_eur', 1))  # the header: a column renamed upstream
         ini.write_text(text.replace('webhooks =', f'webhooks = http://127.0.0.1:{hook.server_address[1]}/hook'))
@@ -140,4 +140,4 @@ def test_the_monitoring_job_sees_what_the_service_runs_with(project):
         got = [b for b in hook.bodies if b['event'] == 'dependency']
         assert len(got) == 1 and got[0]['run_id'] == m['run_id'] and set(got[0]['reasons']) == set(dep['changes']), hook.bodies
     finally:
-        src.write_text(table); ini.write_text(text); hook.shutdown()
+        src.write_text(table); ini.write_text(text); hook.shutdown(); hook.server_close()
