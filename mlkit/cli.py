@@ -165,6 +165,8 @@ def serve(port:int=None, # port to listen on (default: [serve] port)
     refs = serving_refs(s)
     if not refs: raise MlkitError(f"no champion in the registry of {s.state_dir}: run `mlkit retrain` first")
     for w in ServingState.load(s).warnings: print(f"mlkit serve: warning: {w}", flush=True)  # a champion that cannot be loaded stops here, with the reason
+    from mlkit.privacy import LogPolicy  # on use, as above
+    LogPolicy.from_settings(s)  # the log's key: a bad $MLKIT_LOG_KEY stops here; a new key file is made once, before the workers
     cmd = serve_command(s, port, host)
     print(f"mlkit serve: champion {refs['champion'][0]}, mode {s.serve.mode}, http://{cmd[4]}:{cmd[6]}", flush=True)
     os.execve(cmd[0], cmd, service_env(s, MLKIT_SERVE_WORKERS=workers))
@@ -183,15 +185,32 @@ def build(no_export:bool=False, # keep the bento in the project's store only
     print(f"container: bentoml containerize {res['tag']}   (needs a Docker engine)")
 
 # %% ../nbs/90_cli.ipynb #b279ddb6
-@command(pos=['action'])
-def logs(action:Annotated[str, "what to do with the prediction log", {'choices': ['export']}],
-         since:str=None, # first day or time to export (ISO, e.g. 2026-11-01; default: the first prediction)
-         until:str=None, # end of the export window (exclusive; a date alone includes that day; default: the last prediction)
-         format:Annotated[str, "file format", {'choices': ['parquet']}]='parquet',
-         out:str=None, # folder to write into (default: <state_dir>/exports)
+@command(pos=['action', 'entity'])
+def logs(action:Annotated[str, "export: write Parquet; purge: delete rows logged before --before; forget: delete one entity's rows", {'choices': ['export', 'purge', 'forget']}],
+         entity:str=None, # forget: the entity's id, as clients send it
+         since:str=None, # export: first day or time to export (ISO, e.g. 2026-11-01; default: the first prediction)
+         until:str=None, # export: end of the export window (exclusive; a date alone includes that day; default: the last prediction)
+         format:Annotated[str, "export: file format", {'choices': ['parquet']}]='parquet',
+         out:str=None, # export: folder to write into (default: <state_dir>/exports)
+         before:str=None, # purge: delete the predictions logged before this date or time (ISO)
+         reason:str='', # purge, forget: why (kept in the audit trail)
         ):
-    "The prediction log: `mlkit logs export` writes day-partitioned Parquet for warehouses"
-    export_logs(since=since, until=until, format=format, out=out)
+    "The prediction log: `export` writes day-partitioned Parquet; `purge --before DATE` and `forget ENTITY` delete rows, audited"
+    if action == 'export':
+        export_logs(since=since, until=until, format=format, out=out)
+        return
+    from mlkit.logretention import forget_entity, purge_log  # on use: `mlkit --help` must not load ML libraries
+    s = load_settings()
+    if action == 'purge':
+        if not before: raise MlkitError("purge needs --before DATE: the predictions logged before it are deleted")
+        res = purge_log(s, before, reason)
+        print(f"deleted {res['rows']:,} predictions logged before {res['before']} (and {res['claims']:,} request-id claims); recorded in the audit trail")
+    else:
+        if not entity: raise MlkitError("forget needs ENTITY: the id of the customer whose rows are deleted")
+        res = forget_entity(s, entity, reason)
+        print(f"deleted {res['rows']:,} predictions of that entity (pseudonym {res['entity']}); recorded in the audit trail under the pseudonym")
+    if (exports := s.state_dir/'exports').is_dir() and any(exports.iterdir()):
+        print(f"note: Parquet files exported earlier, in {exports}, still hold what they held: export again or delete them")
 
 # %% ../nbs/90_cli.ipynb #e3be3207
 @command

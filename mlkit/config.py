@@ -59,6 +59,8 @@ _canary_share = Check(_above_zero, 'a number above 0 in canary mode (at 0 the ch
 _cron = Check(lambda v: v == '' or croniter.is_valid(v), "a cron expression of five fields (minute hour day-of-month month day-of-week), or empty for never")
 def _is_url(u): return urlsplit(u).scheme in ('http', 'https') and bool(urlsplit(u).hostname)
 _urls = Check(lambda v: all(_is_url(u) for u in v), 'comma-separated http:// or https:// URLs')
+def _log_feature(item): col, _, action = item.rpartition(':'); return bool(col.strip()) and action.strip() in ('drop', 'hash')
+_log_features = Check(lambda v: all(map(_log_feature, v)), "comma-separated COLUMN:drop or COLUMN:hash items, e.g. `email:drop, customer name:hash`")
 NOTIFY_EVENTS = ('warn', 'retrain', 'promotion', 'challenger', 'refused', 'rate_limit', 'failed', 'rollback', 'dependency')
 _events = Check(lambda v: set(v) <= set(NOTIFY_EVENTS), f"comma-separated events among {', '.join(NOTIFY_EVENTS)}")
 
@@ -132,6 +134,8 @@ class ServeSettings:
     log_flush_ms: int = key(200, "longest a logged prediction waits before it is written", _count)
     log_durable: bool = key(True, "answer /predict only once its rows are committed to the prediction log, so a crash loses no answered prediction (false: answer at once, the rows follow within log_flush_ms)")
     log_wait_s: float = key(10.0, "with log_durable: longest an answer waits for its rows to be committed; past it, or when a row is lost, 503", _seconds)
+    log_entities: Literal['pseudonymized', 'plain', 'none'] = key('pseudonymized', "how the prediction log keeps each record's entity id: a keyed hash (HMAC-SHA256; key from $MLKIT_LOG_KEY, else <state_dir>/log.key), as sent, or not at all")
+    log_features: list[str] = key((), "features the prediction log drops or keeps only as a keyed hash: COLUMN:drop or COLUMN:hash, comma-separated (monitoring skips them)", _log_features)
     # a canary that starts (or is capped) at 0 never routes a request to the challenger, so it can never be judged
     rules: ClassVar[tuple[Rule, ...]] = (Rule('challenger_share', _canary_share, lambda s: s.mode == 'canary'),
                                          Rule('canary_max_share', _canary_share, lambda s: s.mode == 'canary'))

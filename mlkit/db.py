@@ -19,8 +19,8 @@ from sqlalchemy.types import TypeDecorator
 from .errors import TimestampError
 
 # %% auto #0
-__all__ = ['BUSY_TIMEOUT_MS', 'utcnow', 'utc', 'UTCDateTime', 'time_window', 'private_dir', 'private_file', 'private_state',
-           'make_engine', 'write_transaction', 'mask_url']
+__all__ = ['BUSY_TIMEOUT_MS', 'utcnow', 'utc', 'UTCDateTime', 'time_window', 'time_point', 'private_dir', 'private_file',
+           'private_state', 'make_engine', 'write_transaction', 'add_new_columns', 'mask_url']
 
 # %% ../nbs/02_db.ipynb #a4cb3ab5
 def utcnow()->datetime:
@@ -78,6 +78,12 @@ def time_window(since, # start (inclusive): an aware datetime, a date, ISO text;
     if s is not None and u is not None and s > u:
         raise TimestampError(f"since {s.isoformat()} is after until {u.isoformat()}")
     return s, u
+
+def time_point(v, # an aware datetime, a date (its start) or ISO text; None or '' = none
+               what:str, # its name, for errors (e.g. 'before')
+              )->datetime|None:
+    "One point in time as an aware UTC datetime; `TimestampError` naming `what` for a bad value"
+    return _when(v, what)
 
 # %% ../nbs/02_db.ipynb #6b93defe
 def private_dir(path:str|Path, # a folder, made with its missing parents
@@ -144,6 +150,21 @@ def write_transaction(engine:Engine)->Iterator[Connection]:
     with engine.connect() as c:
         c.execution_options(mlkit_write=True)
         with c.begin(): yield c
+
+# %% ../nbs/02_db.ipynb #774ee5f3
+def add_new_columns(c:Connection, # a connection in a write transaction
+                    metadata:sa.MetaData, # the tables as this version of mlkit defines them
+                   )->list[str]:
+    "Add to tables made by an older mlkit the (nullable) columns of `metadata` they lack; returns `table.column` of each added"
+    insp, added = sa.inspect(c), []
+    for t in metadata.sorted_tables:
+        if not insp.has_table(t.name): continue
+        have = {col['name'] for col in insp.get_columns(t.name)}
+        for col in t.columns:
+            if col.name not in have and col.nullable:
+                c.execute(sa.text(f'ALTER TABLE {t.name} ADD COLUMN {col.name} {col.type.compile(c.dialect)}'))
+                added.append(f"{t.name}.{col.name}")
+    return added
 
 # %% ../nbs/02_db.ipynb #dea1ee7c
 _SECRET_QUERY = re.compile(r'(?i)([?&](?:password|passwd|pwd|sslpassword|secret|token|api_key)=)[^&#]*')

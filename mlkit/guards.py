@@ -8,6 +8,7 @@ from dataclasses import dataclass, asdict
 from datetime import datetime, timedelta, timezone
 
 import math
+from statistics import NormalDist
 import numpy as np
 import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
@@ -19,8 +20,9 @@ from .metrics import CLASSIFICATION_METRICS, METRICS, fmt_num, improvement
 from .train import build_pipeline
 
 # %% auto #0
-__all__ = ['RESIDUAL_SDS', 'NOISE_MAX_ROWS', 'Check', 'label_shift', 'feature_shift', 'duplicate_rows', 'out_of_contract',
-           'label_noise', 'noise_reference', 'label_noise_check', 'poisoning_checks', 'gate_decision', 'rate_limit']
+__all__ = ['RESIDUAL_SDS', 'NOISE_MAX_ROWS', 'NO_SOURCE', 'Check', 'label_shift', 'feature_shift', 'duplicate_rows',
+           'out_of_contract', 'label_noise', 'noise_reference', 'label_noise_check', 'logged_contradicted',
+           'feedback_checks', 'poisoning_checks', 'gate_decision', 'rate_limit']
 
 # %% ../nbs/14_guards.ipynb #0a6af738
 @dataclass
@@ -167,18 +169,78 @@ def label_noise_check(noise:float, # `label_noise` of the new data, by the champ
                       baseline:float|dict|None, # `noise_reference` of the champion (a float in older registries; None: no champion)
                       max_increase:float, # `[gate] max_label_noise_increase`
                       n:int|None=None, # rows `noise` was measured on (None: its sampling noise is not counted)
+                      z:float=1.96, # standard errors of the difference a rise must also pass (several sources tested: higher)
+                      action:str='refused', # what a failed check does, for the sentence
                      )->Check:
-    "Label noise must not rise over the champion's baseline by more than `max_increase`, nor by more than 1.96 standard errors of the difference"
+    "Label noise must not rise over the champion's baseline by more than `max_increase`, nor by more than `z` standard errors of the difference"
     if baseline is None: return Check('label_noise', noise, None, True, f"estimated label noise {noise:.2%} (no champion to compare with)")
     ref = _as_reference(baseline)
     rise, sides = noise - ref['share'], [(noise, n), (ref['share'], ref.get('n'))]
-    noise_limit = 1.96 * math.sqrt(sum(_share_var(p, m) for p, m in sides if m))
+    noise_limit = z * math.sqrt(sum(_share_var(p, m) for p, m in sides if m))
     limit = max(max_increase, noise_limit)
     rows = lambda m: f" of {m} rows" if m else ''
     return Check('label_noise', rise, limit, rise <= limit,
                  f"the champion contradicts {noise:.2%} of the labels{rows(n)} vs {ref['share']:.2%}{rows(ref.get('n'))} on its golden holdout "
-                 f"({rise:+.2%}, limit +{limit:.2%}: refused only past both +{max_increase:.2%} and 1.96 standard errors of the difference, {noise_limit:.2%})")
+                 f"({rise:+.2%}, limit +{limit:.2%}: {action} only past both +{max_increase:.2%} and {z:.2f} standard errors of the difference, {noise_limit:.2%})")
 
+
+# %% ../nbs/14_guards.ipynb #33aa7145
+NO_SOURCE = '(none)' # the source of labels sent without one
+
+def logged_contradicted(rows:pd.DataFrame, # labelled rows of a log window: label, prediction and (classification) proba_<class>
+                        task:str, # classification or regression
+                        classes:list[str]|None=None, # the model's classes (classification)
+                        scale:float|None=None, # regression: robust scale of the champion's residuals on its golden holdout (None: the rows' own)
+                        confidence:float=0.8, # how sure the logged answer must have been to count a disagreement
+                       )->tuple[np.ndarray, np.ndarray]:
+    "Which labels the logged answers confidently contradict, and which labels could be scored at all (known class, a number)"
+    if task == 'regression':
+        y, pred = pd.to_numeric(rows['label'], errors='coerce').to_numpy(float), pd.to_numeric(rows['prediction'], errors='coerce').to_numpy(float)
+        ok = np.isfinite(y) & np.isfinite(pred)
+        res = y - pred
+        scale = (_robust_scale(res[ok]) if scale is None else scale) or 1e-12
+        return np.where(ok, np.abs(res) / scale > RESIDUAL_SDS, False), ok
+    classes = [str(k) for k in classes or []]
+    lab = rows['label'].astype(object).map(lambda v: None if pd.isna(v) else str(v)).to_numpy(object)
+    pos = {k: i for i, k in enumerate(classes)}
+    idx = np.array([pos.get(v, -1) for v in lab], dtype=int)
+    ok = idx >= 0
+    cols = [f"proba_{k}" for k in classes]
+    if classes and all(c in rows for c in cols):
+        P = rows[cols].to_numpy(float)
+        p_label = P[np.arange(len(rows)), np.clip(idx, 0, None)]
+        has_p = np.isfinite(p_label)
+        bad = np.where(has_p, p_label < 1 - confidence, rows['prediction'].astype(object).map(str).to_numpy(object) != lab)
+    else: bad = rows['prediction'].astype(object).map(str).to_numpy(object) != lab  # no probabilities logged: a wrong answer
+    return np.where(ok, bad, False), ok
+
+def feedback_checks(rows:pd.DataFrame, # labelled rows the champion answered: label, label_source, prediction, proba_<class>
+                    contract:dict, # the champion's contract
+                    classes:list[str]|None, # the champion's classes (classification)
+                    baseline:dict|float, # `noise_reference` of the champion
+                    max_increase:float, # `[gate] max_label_noise_increase`
+                    min_labels:int=50, # fewest labels of one source to test it
+                    alpha:float=0.05, # significance level over all sources together
+                   )->list[dict]:
+    "One result per label source, most labels first: labels, scorable, contradicted share, and the `label_noise_check` of the tested ones"
+    ref = _as_reference(baseline)
+    bad, ok = logged_contradicted(rows, contract['task'], classes, ref.get('scale'))
+    src = rows['label_source'].astype(object).where(rows['label_source'].notna(), NO_SOURCE).to_numpy(object)
+    names, counts = np.unique(src[ok], return_counts=True)
+    order = sorted(zip(names.tolist(), counts.tolist()), key=lambda t: (-t[1], t[0]))
+    tested = sum(n >= min_labels for _, n in order)
+    z = NormalDist().inv_cdf(1 - alpha / (2 * max(tested, 1)))
+    out = []
+    for s, n in order:
+        m = ok & (src == s)
+        share = float(bad[m].mean())
+        r = dict(source=s, labels=int((src == s).sum()), scored=int(n), contradicted=share, tested=n >= min_labels)
+        if r['tested']:
+            ch = label_noise_check(share, ref, max_increase, int(n), z=z, action='flagged')
+            r.update(rise=ch.value, limit=ch.threshold, passed=ch.passed, detail=ch.detail)
+        else: r.update(rise=None, limit=None, passed=True, detail=f"{n} scored labels: too few to test (min {min_labels})")
+        out.append(r)
+    return out
 
 # %% ../nbs/14_guards.ipynb #030c65ba
 def poisoning_checks(df:pd.DataFrame, # the new training data

@@ -81,7 +81,8 @@ def _frame(rows:list, names:list[str], sqlite_ts:bool)->pd.DataFrame:
         variant=pd.Series(cols['variant'], dtype='str'), shadow=pd.Series(cols['shadow'], dtype=bool),
         model_tag=pd.Series(cols['model_tag'], dtype='str'), entity=pd.Series(cols['entity'], dtype=object),
         prediction=_json_scalars(cols['prediction']), latency_ms=pd.Series(cols['latency_ms'], dtype=float),
-        status=pd.Series(cols['status'], dtype='int64'), label=_json_scalars(cols['label']), label_at=_ts(cols['label_at'])))
+        status=pd.Series(cols['status'], dtype='int64'), label=_json_scalars(cols['label']), label_at=_ts(cols['label_at']),
+        label_source=pd.Series(cols['label_source'], dtype='str')))
     extra = [_json_objects(cols['proba']).add_prefix('proba_')]
     if 'features' in cols: extra.append(_json_objects(cols['features']).rename(columns=feature_column))
     extra = [e for e in extra if len(e.columns)]

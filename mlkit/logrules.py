@@ -4,7 +4,7 @@
 
 # %% ../nbs/45_logrules.ipynb #90c334f2
 from __future__ import annotations
-import json, math, operator
+import json, math, operator, re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,8 +17,8 @@ from .db import UTCDateTime, utcnow
 from .jsonsafe import jsonable, to_plain
 
 # %% auto #0
-__all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'claims_table', 'ROW_COLUMNS', 'FEEDBACK_KEYS', 'encode_row',
-           'check_row', 'check_label', 'check_feedback']
+__all__ = ['VARIANTS', 'predlog_metadata', 'predictions_table', 'claims_table', 'ROW_COLUMNS', 'FEEDBACK_KEYS',
+           'FEEDBACK_OPTIONAL', 'SOURCE_PATTERN', 'encode_row', 'check_row', 'check_label', 'check_feedback']
 
 # %% ../nbs/45_logrules.ipynb #f0e46809
 VARIANTS = ('champion', 'challenger')
@@ -43,6 +43,7 @@ predictions_table = sa.Table('predictions', predlog_metadata,
     sa.Column('status', sa.Integer, nullable=False, info=_default(200)),
     sa.Column('label', sa.Text), # JSON value, set by feedback
     sa.Column('label_at', UTCDateTime), # set by feedback
+    sa.Column('label_source', sa.String(64)), # set by feedback: who sent the label (the item's `source`), None when not given
     sa.UniqueConstraint('request_id', 'variant', 'shadow', name='ux_predictions_request'),
     sa.Index('ix_predictions_ts', 'ts'),
 )
@@ -160,6 +161,8 @@ def check_label(label, # a label as parsed from JSON
 
 # %% ../nbs/45_logrules.ipynb #baeaf4ec
 FEEDBACK_KEYS = ('request_id', 'label')
+FEEDBACK_OPTIONAL = ('source',)
+SOURCE_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,63}')
 
 def _feedback_problem(index, field_, rule, message): return dict(index=index, field=field_, rule=rule, message=message)
 
@@ -167,7 +170,7 @@ def check_feedback(items:list, # feedback items as parsed from JSON: {'request_i
                    task:str|None=None, # the model's task; with it each label is checked by `check_label`
                    classes:list[str]|None=None, # the model's class names (classification)
                   )->tuple[dict, list[dict]]:
-    "The labels as JSON text by request id, and the problems of the items (index, field, rule, message), empty when all are valid"
+    "The labels by request id as (JSON text, source or None), and the problems of the items (index, field, rule, message), empty when all are valid"
     labels, problems, first = {}, [], {}
     for i, it in enumerate(items):
         if not isinstance(it, dict):
@@ -179,8 +182,12 @@ def check_feedback(items:list, # feedback items as parsed from JSON: {'request_i
         if rid in first:
             problems.append(_feedback_problem(i, 'request_id', 'duplicate', f"feedback item {i}: request_id {rid!r:.80} is item {first[rid]}'s too: send one label per prediction")); continue
         first[rid] = i
-        if extra := it.keys() - set(FEEDBACK_KEYS):
-            problems.append(_feedback_problem(i, sorted(map(str, extra))[0], 'unknown', f"feedback item {i} (request_id {rid!r}): unknown key(s) {', '.join(sorted(map(str, extra)))}; an item has request_id and label"))
+        if extra := it.keys() - set(FEEDBACK_KEYS) - set(FEEDBACK_OPTIONAL):
+            problems.append(_feedback_problem(i, sorted(map(str, extra))[0], 'unknown', f"feedback item {i} (request_id {rid!r}): unknown key(s) {', '.join(sorted(map(str, extra)))}; an item has request_id, label and optionally source"))
+            continue
+        src = it.get('source')
+        if src is not None and not (isinstance(src, str) and SOURCE_PATTERN.fullmatch(src)):
+            problems.append(_feedback_problem(i, 'source', 'pattern', f"feedback item {i} (request_id {rid!r}): source must be a name of 1 to 64 letters, digits and _.:@/- (starting with a letter or digit), got {src!r:.80}"))
             continue
         lab = it['label']
         try: text = _json_text(lab, f"feedback item {i} (request_id {rid!r}): label")
@@ -189,5 +196,5 @@ def check_feedback(items:list, # feedback items as parsed from JSON: {'request_i
             problems.append(_feedback_problem(i, 'label', 'not_null', f"feedback item {i} (request_id {rid!r}): label must be a value, got {lab!r}")); continue
         if task and (why := check_label(lab, task, classes)):
             problems.append(_feedback_problem(i, 'label', 'label', f"feedback item {i} (request_id {rid!r}): label {why}")); continue
-        labels[rid] = text
+        labels[rid] = (text, src)
     return labels, problems

@@ -26,13 +26,15 @@ from .metrics import check_metric
 from .contract import target_classes
 from .logrules import check_label
 from .predlog import PredictionLog
-from . import abtest, drift, quality, servenv
+from .privacy import logged_contract, parse_log_features
+from . import abtest, drift, guards, quality, servenv
 
 # %% auto #0
 __all__ = ['LEVELS', 'EXIT_STATUS', 'Finding', 'MonitorRun', 'thresholds', 'holdout_eval', 'begin', 'measure_skew',
            'measure_feature_drift', 'measure_prediction_drift', 'measure_label_drift', 'measure_labels',
-           'measure_drift', 'compare_with_holdout', 'measure_quality', 'measure_staleness', 'measure_ab',
-           'measure_operations', 'measure_dependencies', 'verdict', 'trigger_retrain', 'finish', 'run_steps']
+           'measure_feedback', 'measure_drift', 'compare_with_holdout', 'measure_quality', 'measure_staleness',
+           'measure_ab', 'measure_operations', 'measure_dependencies', 'verdict', 'trigger_retrain', 'finish',
+           'run_steps']
 
 # %% ../nbs/63_monitor.ipynb #20a6700e
 LEVELS = dict(ok=0, warn=1, retrain=2)
@@ -63,7 +65,11 @@ class MonitorRun(JobRun):
     models: dict = field(default_factory=dict) # tag -> metadata, for the models that answered
 
     @property
-    def contract(self)->dict: return self.reference['metadata']['contract']
+    def contract(self)->dict:
+        "The reference model's contract, less the features the log drops or hashes (`[serve] log_features`)"
+        return logged_contract(self.reference['metadata']['contract'], self.unlogged)
+    @property
+    def unlogged(self)->dict: return parse_log_features(self.settings.serve.log_features)
     @property
     def profile(self)->dict: return self.reference['metadata']['profile']
     @property
@@ -94,7 +100,7 @@ def thresholds(settings:Settings, # the project's settings
     "The thresholds of a run: `[monitor]` of settings.ini, overridden by the job's parameters"
     m, g = settings.monitor, settings.gate
     th = dict(psi_warn=m.psi_warn, psi_alert=m.psi_alert, p_value=m.p_value, quality_drop=m.quality_drop,
-              min_rows=200, min_labels=100, max_out_of_contract=g.max_out_of_contract, max_error_rate=0.01,
+              min_rows=200, min_labels=100, min_source_labels=50, max_out_of_contract=g.max_out_of_contract, max_error_rate=0.01,
               max_latency_ratio=settings.serve.canary_max_latency_ratio)
     for k, v in given.items():
         if k not in th: raise MonitorError(f"unknown threshold '{k}'; known: {', '.join(th)}")
@@ -161,6 +167,9 @@ def begin(settings_path:str='', # settings.ini ('' = $MLKIT_SETTINGS or the near
     start(run, window=dict(since=s.isoformat() if s else None, until=run.until.isoformat()), champion=run.champion['tag'],
           reference_model=run.reference['tag'], thresholds=run.thresholds)
     run.summary['trigger'] = trigger
+    if run.unlogged:
+        run.add('note', 'privacy', 'log_features', "not measured (the log drops or hashes them, [serve] log_features): "
+                + ', '.join(f"{c} ({a})" for c, a in run.unlogged.items()))
     run.holdout = holdout_eval(run)
     return run
 
@@ -186,7 +195,7 @@ def measure_skew(run:MonitorRun, # the run
     for tag in rows['model_tag'].unique():
         meta, mask = run.meta_of(tag), (rows['model_tag'] == tag).to_numpy()
         if meta is None: run.add('note', 'skew', tag, f"model {tag} answered {mask.sum()} requests but is no longer in the store: skew not measured"); continue
-        out += [dict(model=tag, **f) for f in drift.serving_skew(X[mask], meta['profile'], meta['contract'])]
+        out += [dict(model=tag, **f) for f in drift.serving_skew(X[mask], meta['profile'], logged_contract(meta['contract'], run.unlogged))]
     for f in out:
         run.add('warn', 'skew', f['feature'], f"training/serving skew in {f['feature']} ({f['kind']}): {f['detail']}; "
                 "check the upstream pipeline before retraining, a new model would learn the broken values")
@@ -273,6 +282,31 @@ def measure_labels(run:MonitorRun, # the run
         res['detail'] = (f"{k:,} of {len(labels):,} labels could not be used: " + '; '.join(f"{n:,} × {why}" for n, why in bad[:3])
                          + (f"; and {len(bad) - 3} more kinds" if len(bad) > 3 else '') + "; fix the labels sent to /feedback")
         run.add('warn', 'labels', c['target'], res['detail'])
+    return res
+
+# %% ../nbs/63_monitor.ipynb #4583e881
+def measure_feedback(run:MonitorRun, # the run
+                     win:LogWindow, # the window
+                    )->dict|None:
+    "The labels of each source against the champion's label noise on its golden holdout; a `warn` per source far beyond it"
+    c, m = run.champion_meta['contract'], run.champion_meta
+    rows = win.rows[win.served & (win.rows['model_tag'] == run.champion['tag']).to_numpy() & win.rows['label'].notna().to_numpy()]
+    if not len(rows): return None
+    ref = m.get('label_noise')
+    if not isinstance(ref, dict):
+        run.add('note', 'labels', 'sources', "labels by source not checked: the champion has no label-noise reference (retrain to record one)")
+        return None
+    classes = target_classes(c) or [str(k) for k in getattr(run.champion_pipe, 'classes_', [])] or None
+    th = run.thresholds
+    res = dict(reference=ref, sources=guards.feedback_checks(rows, c, classes, ref, run.settings.gate.max_label_noise_increase,
+                                                             th['min_source_labels'], th['p_value']))
+    tested = [r for r in res['sources'] if r['tested']]
+    failed = [r for r in tested if not r['passed']]
+    alike = len(tested) > 1 and len(failed) == len(tested)
+    for r in failed:
+        run.add('warn', 'labels', r['source'], f"labels from source {r['source']!r} contradict the champion far beyond its known error rate: {r['detail']}"
+                + ("; every source alike, so more likely the data changed than one source went wrong" if alike else
+                   "; check that source before its labels score the champion, decide an A/B test or feed a retrain"))
     return res
 
 # %% ../nbs/63_monitor.ipynb #f263fa74

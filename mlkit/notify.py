@@ -88,9 +88,10 @@ def deliver(settings:Settings, # the project's settings: `[notify]`
     for t in threads: t.start()
     end = time.monotonic() + n.max_wait_s
     for t in threads: t.join(max(0.0, end - time.monotonic()))
+    alive = [t.is_alive() for t in threads]  # read before `stop` wakes a waiting thread, which would then end at once
     stop.set()
-    for t, r in zip(threads, results):
-        if t.is_alive(): r['error'] = f"given up after {n.max_wait_s:g} s ([notify] max_wait_s); last: {r['error'] or 'no answer'}"
+    for a, r in zip(alive, results):
+        if a: r['error'] = f"given up after {n.max_wait_s:g} s ([notify] max_wait_s); last: {r['error'] or 'no answer'}"
     try:
         with Registry.from_settings(settings) as reg:
             for r in results:

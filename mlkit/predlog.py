@@ -17,7 +17,8 @@ from sqlalchemy.engine import Connection
 from fastcore.basics import patch
 
 from .errors import PredictionLogError
-from .db import UTCDateTime, make_engine, utcnow, write_transaction
+from .db import UTCDateTime, add_new_columns, make_engine, utcnow, write_transaction
+from .privacy import LogPolicy
 from .logrules import ROW_COLUMNS, check_feedback, check_row, claims_table, encode_row, predictions_table, predlog_metadata
 
 # %% auto #0
@@ -38,7 +39,7 @@ def _insert_stmt(dialect:str):
 
 # %% ../nbs/46_predlog.ipynb #cac7ae04
 EXIT_TIMEOUT_S = 60.0
-_ELSEWHERE = dict(count='mlkit.logread', read='mlkit.logread', export_parquet='mlkit.logexport') # methods other modules add
+_ELSEWHERE = dict(count='mlkit.logread', read='mlkit.logread', export_parquet='mlkit.logexport', purge='mlkit.logretention', forget='mlkit.logretention') # methods other modules add
 
 class PredictionLog:
     "The prediction log: `log` queues rows, a writer thread inserts them in batches; `feedback` joins delayed labels"
@@ -46,10 +47,12 @@ class PredictionLog:
                  batch_size:int=500, # rows per insert transaction
                  flush_ms:int=200, # longest a logged row waits before the writer takes it
                  max_queue:int=100_000, # rows kept waiting at most; past it the oldest are dropped
+                 policy:LogPolicy|None=None, # what the log keeps of entities and features (`mlkit.privacy`); None: rows as given
                 ):
         if batch_size < 1 or flush_ms < 1 or max_queue < 1:
             raise PredictionLogError(f"batch_size, flush_ms and max_queue must be positive, got {batch_size}, {flush_ms}, {max_queue}")
         self.batch_size, self.flush_ms, self.max_queue = int(batch_size), int(flush_ms), int(max_queue)
+        self.policy = policy if policy is not None and not policy.identity else None
         self.engine = make_engine(url)
         self.url = self.engine.url.render_as_string(hide_password=True)
         self._create_table()
@@ -75,17 +78,17 @@ class PredictionLog:
 
     def _create_table(self):
         try:
-            with self._write() as c: predlog_metadata.create_all(c)
-        except sa.exc.DBAPIError: # another process created it at the same moment (PostgreSQL)
+            with self._write() as c: predlog_metadata.create_all(c); add_new_columns(c, predlog_metadata)
+        except sa.exc.DBAPIError: # another process created it (or added a column) at the same moment (PostgreSQL)
             if not sa.inspect(self.engine).has_table('predictions'): raise
-            with self._write() as c: predlog_metadata.create_all(c) # the index, if it lost that race too
+            with self._write() as c: predlog_metadata.create_all(c); add_new_columns(c, predlog_metadata) # if it lost that race too
 
     @classmethod
     def from_settings(cls, settings)->PredictionLog:
-        "The project's prediction log: `[serve] log_url`, else `<state_dir>/predictions.db`"
+        "The project's prediction log: `[serve] log_url`, else `<state_dir>/predictions.db`, with the project's `LogPolicy`"
         s = settings.serve
         url = s.log_url or f"sqlite:///{Path(settings.state_dir)/'predictions.db'}"
-        return cls(url, batch_size=s.log_batch_size, flush_ms=s.log_flush_ms)
+        return cls(url, batch_size=s.log_batch_size, flush_ms=s.log_flush_ms, policy=LogPolicy.from_settings(settings))
 
     def _write(self): return write_transaction(self.engine)
     def _read(self): return self.engine.connect()
@@ -228,6 +231,7 @@ def log(self:PredictionLog, rows:list[dict], # predictions to log (see the table
     "Check `rows` and queue them for the writer thread; returns at once, with the sequence number of the last row queued (`mark`)"
     if isinstance(rows, dict): raise PredictionLogError("log() takes a list of rows (dicts), got one dict; wrap it in a list")
     now = utcnow()
+    if self.policy is not None: rows = [self.policy.apply(r) for r in rows]  # entities pseudonymized, features dropped or hashed
     vals = [check_row(r, i, now) for i, r in enumerate(rows)]
     self._forked()
     if not vals: return self._seq
@@ -345,7 +349,7 @@ class LabelConflict(PredictionLogError):
                          f"{', '.join(repr(r[:60]) for r in request_ids[:3])}{', ...' if len(request_ids) > 3 else ''}; a label is written once")
 
 @patch
-def feedback(self:PredictionLog, items:list[dict], # {'request_id': str, 'label': JSON-able value}
+def feedback(self:PredictionLog, items:list[dict], # {'request_id': str, 'label': JSON-able value, 'source': optional name}
               flush_timeout:float=30.0, # seconds to wait for this process's queued rows first
               settle_s:float|None=None, # wait this long once for ids not found yet (other workers' queues); default 2 × flush_ms
               task:str|None=None, # the model's task: with it, each label is checked by `mlkit.logrules.check_label`
@@ -361,7 +365,7 @@ def feedback(self:PredictionLog, items:list[dict], # {'request_id': str, 'label'
     t, ids, now = predictions_table, list(labels), utcnow()
     upd = sa.update(t).where(t.c.request_id == sa.bindparam('b_rid'))
     if not overwrite: upd = upd.where(t.c.label.is_(None))
-    upd = (upd.values(label=sa.bindparam('b_label'), label_at=sa.bindparam('b_at', type_=UTCDateTime())))
+    upd = (upd.values(label=sa.bindparam('b_label'), label_at=sa.bindparam('b_at', type_=UTCDateTime()), label_source=sa.bindparam('b_src')))
     def attach(todo):
         with self._write() as c:
             known = set()
@@ -371,7 +375,7 @@ def feedback(self:PredictionLog, items:list[dict], # {'request_id': str, 'label'
                 if not overwrite:
                     labelled.update(c.execute(sa.select(t.c.request_id).distinct().where(t.c.request_id.in_(part), t.c.label.is_not(None))).scalars())
             if labelled: raise LabelConflict([r for r in todo if r in labelled])  # the transaction ends unchanged
-            if known: c.execute(upd, [dict(b_rid=r, b_label=labels[r], b_at=now) for r in todo if r in known])
+            if known: c.execute(upd, [dict(b_rid=r, b_label=labels[r][0], b_src=labels[r][1], b_at=now) for r in todo if r in known])
         return known
     known = attach(ids)
     missing = [r for r in ids if r not in known]

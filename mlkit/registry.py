@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from fastcore.basics import patch
 
 from .errors import RegistryError
-from .db import make_engine, utc, utcnow, write_transaction
+from .db import add_new_columns, make_engine, utc, utcnow, write_transaction
 from .jsonsafe import jsonable
 from .registry_schema import (PROMOTION_KINDS, RUN_KINDS, RUN_STATUSES, STAGES, TRIGGERS, audit_table, holdouts_table,
                                     models_table, promotions_table, registry_metadata, runs_table)
@@ -45,15 +45,6 @@ def _one_of(v, choices, what):
 # %% ../nbs/30_registry.ipynb #941bd872
 def _model_name(tag:str)->str: return tag.split(':', 1)[0]
 
-def _add_new_columns(c:Connection):
-    "Add to a registry made by an older mlkit the (nullable) columns its tables lack"
-    insp = sa.inspect(c)
-    for t in registry_metadata.sorted_tables:
-        have = {col['name'] for col in insp.get_columns(t.name)}
-        for col in t.columns:
-            if col.name not in have and col.nullable:
-                c.execute(sa.text(f'ALTER TABLE {t.name} ADD COLUMN {col.name} {col.type.compile(c.dialect)}'))
-
 # %% ../nbs/30_registry.ipynb #dc4ca591
 class Registry:
     "The registry database of runs, models, promotions, holdouts and the audit trail"
@@ -63,7 +54,7 @@ class Registry:
         self.url = self.engine.url.render_as_string(hide_password=True)
         with self._write() as c:
             registry_metadata.create_all(c)
-            _add_new_columns(c)
+            add_new_columns(c, registry_metadata)  # a registry made by an older mlkit
 
     @classmethod
     def from_settings(cls, settings)->Registry:

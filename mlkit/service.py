@@ -21,6 +21,7 @@ from .gatekeeper import record_notes
 from .predlog import LabelConflict
 from .registry import Registry
 from .routing import Router, entity_id
+from .privacy import check_log_features, parse_log_features
 from .store import load_pipeline, load_stored, model_name
 
 # %% auto #0
@@ -103,6 +104,7 @@ class ServingState:
                 print(f"mlkit: {warnings[-1]}", flush=True)
                 continue
             variants[name] = Variant(name, info['tag'], pipe, info['metadata'])
+        check_log_features(parse_log_features(settings.serve.log_features), variants['champion'].contract)  # before a row is logged
         chal = variants.get('challenger')
         router = Router.from_settings(settings.serve, salt=chal.tag if chal else '') if chal else Router('champion')
         return cls(variants['champion'], chal, router, source, warnings=warnings)
