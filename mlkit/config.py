@@ -71,6 +71,7 @@ class ProjectSettings:
     name: str = key(doc="project name; prefixes model and service names (the model name keeps one target and task: a new one needs a new name)")
     state_dir: Path = key(Path('.mlkit'), "folder for the model store, registry, prediction log and runs (relative to settings.ini; keep it out of git)")
     registry_url: str = key('', "SQLAlchemy URL of the registry database ('' = SQLite file in the state folder)")
+    trusted_modules: list[str] = key((), "the project's own Python modules (and their submodules) whose classes and functions a saved model may hold, comma-separated; mlkit trusts scikit-learn's, numpy's and scipy's classes itself")
 
 @dataclass(frozen=True)
 class DataSettings:

@@ -92,7 +92,7 @@ class ServingState:
             loaders = {name: partial(load_pipeline, ref[0], settings, *ref[1:]) for name, ref in refs.items() if ref}
         elif bundled and bundled.get('champion') is not None:
             source = 'bundled'
-            loaders = {name: partial(load_stored, m) for name, m in bundled.items() if m is not None}
+            loaders = {name: partial(load_stored, m, trusted_modules=settings.project.trusted_modules) for name, m in bundled.items() if m is not None}
         else: raise ServingError(f"no champion to serve: the registry of {settings.state_dir} has none and no model is bundled; "
                                  "run `mlkit retrain` first")
         for name in ('champion', 'challenger'):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_store.ipynb #1ac0daf1
 from __future__ import annotations
-import hashlib, json, os, re, shutil, socket, sys, tempfile, time
+import hashlib, importlib, json, os, re, shutil, socket, sys, tempfile, time
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,9 @@ from .errors import ModelIntegrityError, StoreError
 from .jsonsafe import jsonable
 
 # %% auto #0
-__all__ = ['ARTIFACT', 'TRUSTED_TYPES', 'STAGING', 'store_home', 'use_store', 'safe_name', 'model_name', 'entry_sha256',
-           'save_pipeline', 'model_info', 'load_pipeline', 'load_stored', 'list_store', 'delete_model']
+__all__ = ['ARTIFACT', 'TRUSTED_TYPES', 'TRUSTED_PACKAGES', 'STAGING', 'store_home', 'use_store', 'safe_name', 'model_name',
+           'untrusted_types', 'entry_sha256', 'save_pipeline', 'model_info', 'load_pipeline', 'load_stored',
+           'list_store', 'delete_model']
 
 # %% ../nbs/31_store.ipynb #51423013
 def store_home(settings)->Path:
@@ -74,10 +75,29 @@ TRUSTED_TYPES = [
     'mlkit.train.ContractCaster', # first step of every mlkit pipeline: casts records to the data contract's types
 ]
 
+TRUSTED_PACKAGES = ('sklearn', 'numpy', 'scipy') # their classes and numpy's ufuncs are trusted; their other functions are not
+
 def _skops():
     "skops.io, imported on first use (it imports all of scikit-learn, ~2 s)"
     import skops.io
     return skops.io
+
+def _library_class(name:str)->bool:
+    "Whether `name` is a class of scikit-learn, numpy or scipy, or a numpy ufunc (only those libraries' modules are imported to look)"
+    mod, _, attr = name.rpartition('.')
+    if not mod or mod.split('.')[0] not in TRUSTED_PACKAGES: return False
+    try: obj = getattr(importlib.import_module(mod), attr)
+    except Exception: return False
+    import numpy as np
+    return isinstance(obj, (type, np.ufunc))
+
+def untrusted_types(names, # types skops does not trust by itself (`skops.io.get_untrusted_types`)
+                    trusted_modules=(), # the project's own modules (`[project] trusted_modules`)
+                   )->list[str]:
+    "Those of `names` that neither mlkit nor the project trusts, sorted"
+    own = tuple(m.strip().rstrip('.') for m in trusted_modules if m.strip())
+    return sorted(n for n in set(names) if n not in TRUSTED_TYPES and not _library_class(n)
+                  and not any(n == m or n.startswith(m + '.') for m in own))
 
 # %% ../nbs/31_store.ipynb #73a9ac60
 STAGING = '.staging'
@@ -157,6 +177,9 @@ def save_pipeline(pipeline, # a fitted scikit-learn pipeline (or any object skop
     store = _model_store(settings)
     name = model_name(settings) if name is None else safe_name(name)
     data = _dumps(pipeline, name)
+    if bad := untrusted_types(_skops().get_untrusted_types(data=data), settings.project.trusted_modules):
+        raise StoreError(f"cannot save model '{name}': it holds types neither mlkit nor the project trusts, so it could not be loaded: {', '.join(bad)}; "
+                         "if they are the project's own code, list their module in [project] trusted_modules of settings.ini")
     digest = hashlib.sha256(data).hexdigest()
     meta = _drop_none(jsonable(dict(metadata or {}), 'metadata', StoreError))
     meta.update(artifact_sha256=digest, format='skops', artifact=ARTIFACT,
@@ -222,12 +245,13 @@ def load_pipeline(tag:str, # 'name:version', 'name:latest' or 'name'
                   expected_entry_sha256:str|None=None, # the entry sha256 the registry recorded (metadata, contract, profile), checked too when given
                  )->tuple[Any, dict]:
     "Check and load a stored pipeline; returns it and its info (tag, metadata, creation_time, ...)"
-    return load_stored(_get(_model_store(settings), tag), expected_sha256, expected_entry_sha256)
+    return load_stored(_get(_model_store(settings), tag), expected_sha256, expected_entry_sha256, settings.project.trusted_modules)
 
 # %% ../nbs/31_store.ipynb #025233c2
 def load_stored(model, # a BentoML stored model (from a store, or a service's `BentoModel` resolved in a bento)
                 expected_sha256:str|None=None, # a sha256 recorded elsewhere, checked too when given
                 expected_entry_sha256:str|None=None, # an `entry_sha256` recorded elsewhere, checked too when given
+                trusted_modules=(), # the project's own modules (`[project] trusted_modules`)
                )->tuple[Any, dict]:
     "Check and load the pipeline of a BentoML model object; returns it and its info"
     _check_entry(model, expected_entry_sha256)
@@ -250,10 +274,10 @@ def load_stored(model, # a BentoML stored model (from a store, or a service's `B
     try: untrusted = sio.get_untrusted_types(data=data)
     except Exception as e:
         raise ModelIntegrityError(f"model '{tag}': {path} is not a readable skops file ({type(e).__name__}: {str(e)[:200]})") from None
-    if extra := sorted(set(untrusted) - set(TRUSTED_TYPES)):
+    if extra := untrusted_types(untrusted, trusted_modules):
         raise ModelIntegrityError(f"model '{tag}' contains types mlkit does not trust: {', '.join(extra)}; refusing to load it "
-                                  "(add them to mlkit.store.TRUSTED_TYPES only after checking they cannot run code)")
-    try: obj = sio.loads(data, trusted=TRUSTED_TYPES)
+                                  "(if they are the project's own code, list their module in [project] trusted_modules, after checking they cannot run code)")
+    try: obj = sio.loads(data, trusted=sorted(set(untrusted)))  # each checked above
     except Exception as e:
         raise ModelIntegrityError(f"model '{tag}' cannot be loaded from {path}: {type(e).__name__}: {str(e)[:200]}") from None
     return obj, info
