@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'RETRAIN_EXIT', 'command', 'format_table', 'config', 'print_retrain', 'job_params', 'retrain', 'runs',
-           'models', 'promote', 'rollback', 'serve', 'build', 'logs', 'monitor', 'schedule', 'export', 'new', 'demo',
-           'export_logs', 'main', 'cli']
+           'models', 'promote', 'register', 'rollback', 'serve', 'build', 'logs', 'monitor', 'schedule', 'export',
+           'new', 'demo', 'export_logs', 'main', 'cli']
 
 # %% ../nbs/90_cli.ipynb #f682bb20
 import argparse, json as _json, os, sys
@@ -140,6 +140,19 @@ def promote(tag:str, # model tag to make champion
     s, reg = _settings_registry()
     res = reg.promote(tag, default_actor(), reason)
     print(f"champion: {tag} (was {res.get('previous_tag') if isinstance(res, dict) else '?'})")
+
+# %% ../nbs/90_cli.ipynb #437b7ed3
+@command(pos=['file'])
+def register(file:str, # skops file of a fitted pipeline trained elsewhere (skops.io.dump(pipeline, "model.skops"))
+             reason:str='', # why it is registered (kept with the run)
+             run_id:str=None, # id of the run (default: a new one)
+            ):
+    "Register a model trained elsewhere through the same checks and gate as a retrained one; exit 0 promoted, 4 kept as challenger, 5 rejected, 1 failed"
+    from mlkit.jobs import register as run_register  # on use: `mlkit --help` must not load ML libraries
+    s = load_settings()
+    summary = run_register(file, reason, run_id or '')
+    print_retrain(summary, s)
+    return RETRAIN_EXIT.get(summary.get('decision'), 0)
 
 # %% ../nbs/90_cli.ipynb #45c9df7d
 @command

@@ -26,7 +26,7 @@ from .runs import job_notebook, new_run_id, one_line, record_failure
 
 # %% auto #0
 __all__ = ['job_parameters', 'cast_parameters', 'first_error', 'JobKernelManager', 'stop_kernels', 'run_job', 'notebook_to_html',
-           'retrain', 'monitor', 'scratch_project']
+           'retrain', 'register', 'monitor', 'scratch_project']
 
 # %% ../nbs/41_jobs.ipynb #037174ed
 def job_parameters(nb:Path, # a job notebook
@@ -184,6 +184,20 @@ def retrain(data:str|None=None, # CSV or Parquet path or builtin:NAME (default: 
     if data: p['data'] = data
     p.update(force=force, trigger=trigger)
     return run_job('retrain', p, s, run_id or new_run_id('retrain'), progress=progress)
+
+# %% ../nbs/41_jobs.ipynb #1599f996
+def register(file:str, # the skops file of a pipeline trained elsewhere
+             reason:str='', # why it is registered
+             run_id:str='', # id of the run ('' = a new one)
+             settings_path:str|None=None, # settings.ini (default: $MLKIT_SETTINGS or the nearest one)
+             progress:bool=True, # show papermill's progress bar
+            )->dict:
+    "Run the registration job notebook with papermill (the file is checked first: a clear error, no run, when it cannot be loaded); return its summary"
+    from mlkit.register import check_file  # on use: it imports scikit-learn
+    s = load_settings(settings_path)
+    path = Path(file).expanduser().resolve()
+    check_file(path, s)
+    return run_job('register', dict(file=str(path), reason=reason), s, run_id or new_run_id('register'), progress=progress)
 
 # %% ../nbs/41_jobs.ipynb #e625c775
 def monitor(since:str|None=None, # start of the window, ISO date or time (default: where the last monitoring run ended)

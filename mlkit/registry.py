@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .errors import RegistryError
 from .db import add_new_columns, make_engine, utc, utcnow, write_transaction
 from .jsonsafe import jsonable
-from .registry_schema import (PROMOTION_KINDS, RUN_KINDS, RUN_STATUSES, STAGES, TRIGGERS, audit_table, holdouts_table,
+from .registry_schema import (GATED_KINDS, PROMOTION_KINDS, RUN_KINDS, RUN_STATUSES, STAGES, TRIGGERS, audit_table, holdouts_table,
                                     models_table, promotions_table, registry_metadata, runs_table)
 
 # %% auto #0
@@ -44,6 +44,18 @@ def _one_of(v, choices, what):
 
 # %% ../nbs/30_registry.ipynb #941bd872
 def _model_name(tag:str)->str: return tag.split(':', 1)[0]
+
+def _gated(c:Connection, tag:str)->bool:
+    "Whether the gate let `tag` through: a succeeded run decided promote or challenger for it, or the gate promoted it"
+    r, p = runs_table, promotions_table
+    if c.execute(sa.select(r.c.id).where(r.c.model_tag == tag, r.c.status == 'succeeded', r.c.decision.in_(('promote', 'challenger'))).limit(1)).first():
+        return True
+    return c.execute(sa.select(p.c.id).where(p.c.tag == tag, p.c.kind == 'gate').limit(1)).first() is not None
+
+def _gating(c:Connection, m:dict)->bool:
+    "Whether model row `m` is being decided by the gate now: its run is a retraining or registration run in progress"
+    r = runs_table
+    return bool(m['run_id']) and c.execute(sa.select(r.c.id).where(r.c.id == m['run_id'], r.c.status == 'running', r.c.kind.in_(GATED_KINDS))).first() is not None
 
 # %% ../nbs/30_registry.ipynb #dc4ca591
 class Registry:
@@ -319,6 +331,11 @@ def promote(self:Registry, tag:str, # the model to make champion
             why = '; '.join(map(str, m['reasons'] or [])) or 'no reason recorded'
             raise RegistryError(f"cannot promote '{tag}': it was rejected ({why})")
         if m['stage'] == 'champion': raise RegistryError(f"cannot promote '{tag}': it is already the champion of '{m['name']}'")
+        if kind == 'gate' and not _gating(c, m):
+            raise RegistryError(f"cannot promote '{tag}' as the gate: its run {m['run_id']!r} is not a retraining or registration run in progress")
+        if kind != 'gate' and not _gated(c, tag):
+            raise RegistryError(f"cannot promote '{tag}': it never passed the gate (no run let it through); "
+                                "a model enters through `mlkit retrain`, or `mlkit register FILE` for one trained elsewhere")
         cur = _champion_row(c, m['name'])
         return _switch(c, m['name'], tag, cur and cur['tag'], actor, reason, kind)
 

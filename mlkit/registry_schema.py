@@ -9,11 +9,12 @@ import sqlalchemy as sa
 from .db import UTCDateTime
 
 # %% auto #0
-__all__ = ['RUN_KINDS', 'RUN_STATUSES', 'TRIGGERS', 'STAGES', 'PROMOTION_KINDS', 'registry_metadata', 'runs_table',
+__all__ = ['RUN_KINDS', 'GATED_KINDS', 'RUN_STATUSES', 'TRIGGERS', 'STAGES', 'PROMOTION_KINDS', 'registry_metadata', 'runs_table',
            'models_table', 'promotions_table', 'audit_table', 'holdouts_table']
 
 # %% ../nbs/30a_registry_schema.ipynb #b46c3b64
-RUN_KINDS = ('retrain', 'monitor')
+RUN_KINDS = ('retrain', 'monitor', 'register')
+GATED_KINDS = ('retrain', 'register') # runs whose models the gate decides
 RUN_STATUSES = ('running', 'succeeded', 'failed', 'refused')
 TRIGGERS = ('manual', 'schedule', 'monitor')
 STAGES = ('champion', 'challenger', 'archived', 'rejected')

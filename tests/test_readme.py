@@ -4,6 +4,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import skops.io
 
 from conftest import BIN, ROOT, free_port
 from service_util import Server
@@ -29,7 +30,7 @@ def readme_commands(text=README):
 def documented_statuses(cmd, text=README):
     "Exit statuses the README documents for `cmd`: the monitor's verdicts (**ok** (0), ...), the gate's decisions, else 0"
     if cmd[1] == 'monitor': return {int(n) for n in re.findall(r'\*\*(?:ok|warn|retrain)\*\* \((\d)[:)]', text)}
-    if cmd[1] == 'retrain': return {int(n) for n in re.findall(r'\*\*(?:promoted|challenger|rejected)\*\* \((\d)\)', text)}
+    if cmd[1] in ('retrain', 'register'): return {int(n) for n in re.findall(r'\*\*(?:promoted|challenger|rejected)\*\* \((\d)\)', text)}
     return {0}
 
 
@@ -46,7 +47,20 @@ def project(tmp_path_factory):
     d = tmp_path_factory.mktemp('readme')
     ini = scratch_project(ROOT/'settings.ini', d)
     churn(n=1500, seed=3).to_parquet(d/'new.parquet')  # `--data new.parquet`
+    skops.io.dump(elsewhere_model(churn(n=1500, seed=4)), d/'model.skops')  # `mlkit register model.skops`
     return ini
+
+
+def elsewhere_model(df):
+    "A pipeline trained outside mlkit on churn-like data, as a data scientist would"
+    from sklearn.compose import make_column_transformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+    pre = make_column_transformer((make_pipeline(SimpleImputer(), StandardScaler()), ['tenure_months', 'monthly_charges', 'age', 'support_calls']),
+                                  (OneHotEncoder(handle_unknown='ignore'), ['plan', 'region', 'contract']))
+    return make_pipeline(pre, LogisticRegression(max_iter=1000)).fit(df, df['churned'])
 
 
 def env_for(ini):
