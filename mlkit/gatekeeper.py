@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio, hmac, json, logging, math, os, sys
 from typing import Callable
 
+from . import __version__
 from .contract import features, target_classes
 from concurrent.futures import ThreadPoolExecutor
 from .errors import PredictionLogError
@@ -15,9 +16,10 @@ from .logrules import check_feedback
 _logger = logging.getLogger('mlkit.gatekeeper')
 
 # %% auto #0
-__all__ = ['OPEN_PATHS', 'JSON_PATHS', 'check_record', 'validate_payload', 'validate_feedback', 'record_notes', 'json_media_type',
-           'used_ids', 'one_line_client_errors', 'bearer_ok', 'Gatekeeper', 'RequestTimeout', 'patch_bentoml_timeout',
-           'gatekeeper_first', 'patch_bentoml_order']
+__all__ = ['ROUTES', 'STATIC_PREFIX', 'OPEN_PATHS', 'JSON_PATHS', 'check_record', 'validate_payload', 'validate_feedback',
+           'record_notes', 'json_media_type', 'used_ids', 'one_line_client_errors', 'bearer_ok', 'allowed_methods',
+           'openapi_spec', 'Gatekeeper', 'RequestTimeout', 'patch_bentoml_timeout', 'gatekeeper_first',
+           'patch_bentoml_order']
 
 # %% ../nbs/49_gatekeeper.ipynb #4913fafc
 def _problem(index, field_, rule, message): return dict(index=index, field=field_, rule=rule, message=message)
@@ -184,22 +186,179 @@ def bearer_ok(header:str|None, # the request's Authorization header
     given = (header or '').removeprefix('Bearer ').strip() if (header or '').startswith('Bearer ') else ''
     return hmac.compare_digest(given.encode(), token.encode())
 
+# %% ../nbs/49_gatekeeper.ipynb #2ada7ad7
+ROUTES = {'/predict': ('POST',), '/feedback': ('POST',), '/admin/reload': ('POST',), '/metadata': ('GET', 'HEAD'),
+          '/livez': ('GET', 'HEAD'), '/readyz': ('GET', 'HEAD'), '/healthz': ('GET', 'HEAD'), '/metrics': ('GET', 'HEAD'),
+          '/docs.json': ('GET', 'HEAD'), '/schema.json': ('GET', 'HEAD'), '/': ('GET', 'HEAD')} # every path the service answers
+STATIC_PREFIX = '/static_content/' # the files of the page at `/` (BentoML's)
+
+def allowed_methods(path:str, # a request's path, without a trailing slash
+                   )->tuple[str, ...]|None:
+    "The methods the service answers at `path`; None for a path it does not have"
+    return ('GET', 'HEAD') if path.startswith(STATIC_PREFIX) else ROUTES.get(path)
+
+# %% ../nbs/49_gatekeeper.ipynb #be4a1187
+def _ref(name): return {'$ref': f'#/components/schemas/{name}'}
+def _json(desc, schema, headers=None): return dict(description=desc, content={'application/json': dict(schema=schema)}, **(dict(headers=headers) if headers else {}))
+def _error(desc, headers=None): return _json(desc, _ref('Error'), headers)
+def _text(desc, media='text/plain'): return dict(description=desc, content={media: dict(schema=dict(type='string'))})
+_WWW_AUTH = {'WWW-Authenticate': dict(required=True, description='`Bearer`', schema=dict(type='string'))}
+
+def _class_values(classes:list[str])->list:
+    "The JSON values that name the classes: each name, and its number or truth value when it reads as one (1 for '1')"
+    out = []
+    for c in classes:
+        out.append(c)
+        if c in ('True', 'False'): out.append(c == 'True')
+        else:
+            try: f = float(c)
+            except ValueError: continue
+            if math.isfinite(f): out.append(int(f) if f.is_integer() else f)
+    return out
+
+def _nullable(schema:dict, ok:bool)->dict:
+    if not ok: return schema
+    return dict(schema, nullable=True, **(dict(enum=[*schema['enum'], None]) if 'enum' in schema else {}))
+
+def _feature_schema(spec:dict, unknown_category:str)->dict:
+    "The JSON schema of one feature's value, from its contract entry"
+    kind = spec['kind']
+    if kind == 'numeric':
+        s = dict(type='number')
+        if 'low' in spec: s.update(minimum=spec['low'], maximum=spec['high'],
+                                   description='the accepted range of the contract; a value outside it is answered with a warning')
+    elif kind == 'boolean': s = dict(type='boolean')
+    elif kind == 'datetime': s = dict(type='string', format='date-time')
+    else:
+        s = dict(type='string')
+        if spec.get('categories') is not None:
+            s['enum'] = list(spec['categories'])
+            s['description'] = ('another value is refused (422)' if unknown_category == 'reject' else
+                                'another value is answered with a warning: the model treats it as unseen')
+    return _nullable(s, spec['null_rate'] > 0)
+
+_REQUEST_ID = dict(type='string', minLength=1, maxLength=200, pattern='^[^\\x00]+$')
+_RECORD_ID = dict(_REQUEST_ID, nullable=True, description='names the prediction for /feedback; absent or null: the service makes one')
+
+def _schemas(contract:dict|None, unknown_category:str, max_records:int, max_record_keys:int)->dict:
+    "The components' schemas: records and feedback items from the contract, answers, metadata and the error body"
+    problem = dict(type='object', required=['index', 'field', 'rule', 'message'], properties=dict(
+        index=dict(type='integer', nullable=True, description='position of the record or item (null: the whole body)'),
+        field=dict(type='string', nullable=True, description='the field at fault (null: the whole record)'),
+        rule=dict(type='string', description='the rule broken: type, required, not_null, finite, unknown_category, duplicate, ...'),
+        message=dict(type='string')))
+    error = dict(type='object', required=['error'], description="mlkit's error body: one sentence, and each problem when there are several",
+                 properties=dict(error=dict(type='string'), errors=dict(type='array', items=_ref('Problem'))))
+    if contract:
+        feats, cols = features(contract), contract['columns']
+        record = dict(type='object', required=feats, maxProperties=max_record_keys or 2 * len(cols) + 20,
+                      description="one record: every feature of the champion's contract; other keys are ignored (and named in the answer)",
+                      properties=dict(request_id=_RECORD_ID, **{f: _feature_schema(cols[f], unknown_category) for f in feats}))
+        classes = target_classes(contract)
+        if contract['task'] == 'regression': label = prediction = dict(type='number')
+        else: label = prediction = dict(enum=_class_values(classes)) if classes else {}
+        proba = (dict(type='object', nullable=True, enum=[None], description='null: the model is a regression')
+                 if contract['task'] == 'regression' else dict(type='object', additionalProperties=dict(type='number', minimum=0, maximum=1)))
+    else: record, label, prediction, proba = dict(type='object', properties=dict(request_id=_RECORD_ID)), {}, {}, {}
+    item = dict(type='object', required=['request_id', 'label'], additionalProperties=False,
+                properties=dict(request_id=dict(_REQUEST_ID, description='the request_id of an answered prediction'),
+                                label=dict(label, description="the true value: a class of the champion or a number for a regression")))
+    answer = dict(type='object', required=['request_id', 'prediction', 'probabilities', 'model', 'variant', 'warnings', 'ignored_fields'],
+                  properties=dict(request_id=dict(type='string'), prediction=prediction, probabilities=proba, model=dict(type='string'),
+                                  variant=dict(type='string', enum=['champion', 'challenger']),
+                                  warnings=dict(type='array', items=dict(type='string')), ignored_fields=dict(type='array', items=dict(type='string'))))
+    variant = dict(type='object', required=['tag'], properties=dict(tag=dict(type='string'), metrics=dict(type='object', nullable=True),
+                   primary_metric=dict(type='string', nullable=True), data_fingerprint=dict(type='string', nullable=True),
+                   trained_at=dict(type='string', nullable=True), run_id=dict(type='string', nullable=True),
+                   features=dict(type='array', nullable=True, items=dict(type='string'))))
+    metadata = dict(type='object', required=['champion', 'challenger', 'routing', 'source', 'loaded_at', 'warnings'],
+                    properties=dict(champion=_ref('Variant'), challenger=dict(allOf=[_ref('Variant')], nullable=True),
+                                    routing=dict(type='object'), source=dict(type='string', enum=['registry', 'bundled']),
+                                    loaded_at=dict(type='string'), warnings=dict(type='array', items=dict(type='string'))))
+    body = lambda key, of, n: dict(type='object', required=[key], properties={key: dict(type='array', minItems=1, maxItems=n, items=_ref(of))})
+    return dict(Error=error, Problem=problem, Record=record, PredictRequest=body('records', 'Record', max_records),
+                Answer=answer, FeedbackItem=item, FeedbackRequest=body('items', 'FeedbackItem', max_records),
+                FeedbackAnswer=dict(type='object', required=['joined', 'unknown'], properties=dict(
+                    joined=dict(type='integer', minimum=0, description='labels stored'),
+                    unknown=dict(type='array', items=dict(type='string'), description='request ids of no logged prediction'))),
+                Variant=variant, Metadata=metadata)
+
+def openapi_spec(contract:dict|None, # the champion's data contract (None: no model loaded, records described loosely)
+                 api_token:bool=False, # whether `MLKIT_API_TOKEN` is set: every path but health needs it
+                 admin_token:bool=False, # whether `MLKIT_ADMIN_TOKEN` is set: /admin/reload is enabled
+                 unknown_category:str='accept', # `[serve] unknown_category`
+                 max_records:int=1000, # `[serve] max_records`
+                 max_body_mb:float=8.0, # `[serve] max_body_mb`
+                 max_record_keys:int=0, # `[serve] max_record_keys` (0: from the contract)
+                 model:str='', # the champion's tag, named in the description
+                )->dict:
+    "The OpenAPI 3.0 document of the service as the gatekeeper and BentoML answer it: every path, every status, mlkit's error body"
+    auth = dict(security=[dict(apiToken=[])]) if api_token else {}
+    r401 = {'401': _error('no token, or a wrong one: send `Authorization: Bearer <MLKIT_API_TOKEN>`', _WWW_AUTH)} if api_token else {}
+    def op(summary, responses, secured=True, **kw):
+        return dict(summary=summary, responses={**responses, **(r401 if secured else {})}, **(auth if secured else {}), **kw)
+    def body_op(summary, req, ok, r409):
+        return op(summary, {'200': ok, '400': _error('the body is not JSON, not UTF-8, or not shaped as described'),
+                            '409': _error(r409), '413': _error(f'over {max_body_mb:g} MiB, or over {max_records} records or items, or too many keys'),
+                            '415': _error('Content-Type is not application/json'), '422': _error('a record or item breaks a rule: `errors` names each'),
+                            '500': _error('an unexpected error (the server log has it)'),
+                            '503': _error('no model is loaded (the reason is given), the service is overloaded, or the predictions could not be logged'),
+                            '504': _error('no answer in time')},
+                  requestBody=dict(required=True, content={'application/json': dict(schema=_ref(req))}))
+    if admin_token:
+        reload = dict(summary='Reload the champion and challenger in every worker (after a promotion or a rollback)',
+                      security=[dict(adminToken=[])], responses={
+                          '200': _json('the models now served', _ref('Metadata')),
+                          '401': _error('no admin token, or a wrong one: send `Authorization: Bearer <MLKIT_ADMIN_TOKEN>`', _WWW_AUTH),
+                          '413': _error(f'a body over {max_body_mb:g} MiB'), '415': _error('a body whose Content-Type is not application/json'),
+                          '500': _error('an unexpected error (the server log has it)'),
+                          '503': _error('the reload failed (the reason is given): the models loaded before are still served'),
+                          '504': _error('no answer in time')})
+    else: reload = dict(summary='Reload the models: disabled until MLKIT_ADMIN_TOKEN is set', responses={'403': _error('disabled: set MLKIT_ADMIN_TOKEN')})
+    ready = 'the worker has a model'
+    paths = {
+        '/predict': dict(post=body_op('Predict each record', 'PredictRequest', _json('one answer per record, in order', dict(type='array', items=_ref('Answer'))),
+                                      'a request_id was used by an earlier prediction')),
+        '/feedback': dict(post=body_op('Delayed labels, joined to the logged predictions', 'FeedbackRequest', _json('labels stored', _ref('FeedbackAnswer')),
+                                       'a prediction has a label already: nothing was stored')),
+        '/metadata': dict(get=op('The models served, their metrics and the routing', {'200': _json('what the worker serves', _ref('Metadata')),
+                                                                                         '503': _error('no model is loaded: the reason is given')})),
+        '/admin/reload': dict(post=reload),
+        '/livez': dict(get=op('Liveness probe', {'200': _text('the worker is up')}, secured=False)),
+        '/healthz': dict(get=op('Liveness probe (the same as /livez)', {'200': _text('the worker is up')}, secured=False)),
+        '/readyz': dict(get=op('Readiness probe', {'200': _text(ready), '503': _text('no model is loaded yet, or its load failed')}, secured=False)),
+        '/metrics': dict(get=op('Prometheus metrics', {'200': _text('metrics in the Prometheus text format')})),
+        '/docs.json': dict(get=op('This document', {'200': _json('the OpenAPI document', dict(type='object'))})),
+        '/schema.json': dict(get=op("BentoML's description of the service (read by BentoML's clients)", {'200': _json("BentoML's schema", dict(type='object'))})),
+        '/': dict(get=op('A page showing this document', {'200': _text('the page', 'text/html')})),
+        STATIC_PREFIX + '{file}': dict(get=op("The files of the page at /", {'200': dict(description='the file', content={'*/*': dict(schema=dict(type='string'))}),
+                                                                           '404': _text('no such file')},
+                                              parameters=[{'name': 'file', 'in': 'path', 'required': True, 'schema': dict(type='string', minLength=1)}])),
+    }
+    schemes = {**(dict(apiToken=dict(type='http', scheme='bearer', description='MLKIT_API_TOKEN')) if api_token else {}),
+               **(dict(adminToken=dict(type='http', scheme='bearer', description='MLKIT_ADMIN_TOKEN')) if admin_token else {})}
+    desc = (f"Predictions of {model or 'the champion'}. Records follow the champion's data contract. Every error is answered with a JSON "
+            "body `{\"error\": ..., \"errors\": [...]}`; a method a path does not take is answered 405 with `Allow`.")
+    return dict(openapi='3.0.3', info=dict(title='mlkit', version=__version__, description=desc), paths=paths,
+                components=dict(schemas=_schemas(contract, unknown_category, max_records, max_record_keys), **(dict(securitySchemes=schemes) if schemes else {})))
+
 # %% ../nbs/49_gatekeeper.ipynb #4dc9c736
 OPEN_PATHS = ('/livez', '/readyz', '/healthz')
 JSON_PATHS = ('/predict', '/feedback') # POST endpoints that take a JSON body
 
-async def _send_json(send, status:int, body:dict, headers:list|None=None):
+async def _send_json(send, status:int, body:dict, headers:list|None=None, head:bool=False):
+    "Answer `body` as JSON (`head`: its headers only, the answer to a HEAD request)"
     data = json.dumps(body, default=str).encode()
     await send(dict(type='http.response.start', status=status,
                     headers=[(b'content-type', b'application/json'), (b'content-length', str(len(data)).encode()), *(headers or [])]))
-    await send(dict(type='http.response.body', body=data))
+    await send(dict(type='http.response.body', body=b'' if head else data))
 
 def _header(scope, name:bytes)->str|None: return next((v.decode('latin-1') for k, v in scope['headers'] if k == name), None)
 
 def _too_big(limit:int)->tuple[int, dict]: return 413, dict(error=f"request body over the {limit // 1048576} MiB limit ([serve] max_body_mb)")
 
 class Gatekeeper:
-    "ASGI middleware: auth, body limits, media type, JSON and contract validation, request-id claims, GET /metadata"
+    "ASGI middleware: methods, auth, body limits, media type, JSON and contract validation, request-id claims, GET /metadata and /docs.json"
     def __init__(self, app, # the ASGI app it guards (BentoML's)
                  get_state:Callable, # returns the worker's current `ServingState` (None before it is loaded)
                  max_body_mb:float=8.0, # largest body accepted (`[serve] max_body_mb`)
@@ -220,9 +379,19 @@ class Gatekeeper:
         self.max_record_keys, self.max_fields, self.durable_s = max_record_keys, max_fields, durable_s
         # threads that wait for the log's commits, one per answer in flight (asyncio's default pool has a few and would queue answers)
         self._waits = ThreadPoolExecutor(256, thread_name_prefix='mlkit-log-wait') if durable_s else None
+        self.max_body_mb, self._spec = max_body_mb, (None, None)
         one_line_client_errors()
 
     def _unloaded(self)->str: return self.get_error() or 'no model loaded yet'
+
+    def spec(self)->dict:
+        "The OpenAPI document of the service for the champion served now (made once per champion)"
+        state = self.get_state()
+        contract = state.champion.contract if state else None
+        if self._spec[0] is not contract or self._spec[1] is None:
+            self._spec = contract, openapi_spec(contract, bool(self.api_token), bool(self.admin_token), self.unknown_category, self.max_records,
+                                                self.max_body_mb, self.max_record_keys, state.champion.tag if state else '')
+        return self._spec[1]
 
     async def _body(self, scope, receive)->tuple[bytes|None, tuple|None]:
         "The whole request body, or the answer refusing it (None, None: the client went away)"
@@ -256,15 +425,20 @@ class Gatekeeper:
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http': return await self.app(scope, receive, send)
         path, method = scope['path'].rstrip('/') or '/', scope['method']
+        head = method == 'HEAD'
+        if (allow := allowed_methods(path)) and method not in allow:  # before the tokens: the path exists whoever asks
+            return await _send_json(send, 405, dict(error=f"{method} is not answered at {path}: use {' or '.join(allow)}"),
+                                    [(b'allow', ', '.join(allow).encode())], head)
         auth = _header(scope, b'authorization')
         if path.startswith('/admin'):
             if not self.admin_token: return await _send_json(send, 403, dict(error='the admin endpoint is disabled: set MLKIT_ADMIN_TOKEN'))
             if not bearer_ok(auth, self.admin_token): return await _send_json(send, 401, dict(error='admin token required: Authorization: Bearer <MLKIT_ADMIN_TOKEN>'), [(b'www-authenticate', b'Bearer')])
         elif path not in OPEN_PATHS and self.api_token and not bearer_ok(auth, self.api_token):
             return await _send_json(send, 401, dict(error='token required: Authorization: Bearer <MLKIT_API_TOKEN>'), [(b'www-authenticate', b'Bearer')])
-        if path == '/metadata' and method == 'GET':
+        if path == '/metadata' and method in ('GET', 'HEAD'):
             state = self.get_state()
-            return await _send_json(send, 200 if state else 503, state.describe() if state else dict(error=self._unloaded()))
+            return await _send_json(send, 200 if state else 503, state.describe() if state else dict(error=self._unloaded()), head=head)
+        if path == '/docs.json' and method in ('GET', 'HEAD'): return await _send_json(send, 200, self.spec(), head=head)
         if method != 'POST' or path not in (*JSON_PATHS, '/admin/reload'): return await self.app(scope, receive, send)
         ctype = _header(scope, b'content-type')
         if (path in JSON_PATHS or ctype is not None) and not json_media_type(ctype):

@@ -26,7 +26,7 @@ from .store import load_pipeline, load_stored, model_name
 
 # %% auto #0
 __all__ = ['Variant', 'serving_refs', 'ServingState', 'predict_outputs', 'log_rows', 'predict_records', 'frame_to_records',
-           'answer_feedback', 'Outcomes', 'ReloadWatcher', 'settle_heap']
+           'answer_feedback', 'Outcomes', 'ReloadWatcher', 'answer_reload', 'settle_heap']
 
 # %% ../nbs/50_service.ipynb #cf3691cf
 @dataclass
@@ -299,6 +299,17 @@ class ReloadWatcher:
         "Stop looking at the stamp"
         self._stop.set()
         if self._thread is not None: self._thread.join(timeout)
+
+# %% ../nbs/50_service.ipynb #d107e255
+def answer_reload(watcher:ReloadWatcher, # the worker's watcher; its `reload_fn` returns the new `ServingState`
+                  serving:bool=True, # whether the worker serves a model now (False: its first load failed)
+                 )->tuple[int, dict]:
+    "HTTP status and JSON body of `POST /admin/reload`: what is served after the reload, or 503 naming why it failed"
+    try: return 200, watcher.reload().describe()
+    except Exception as e:
+        kept = 'the models loaded before are still served' if serving else 'no model is served'
+        print(f"mlkit: reload failed, {kept}: {type(e).__name__}: {e}", flush=True)
+        return 503, dict(error=f"the reload failed, {kept}: {type(e).__name__}: {str(e)[:500]}")
 
 # %% ../nbs/50_service.ipynb #c3d8f1a6
 def settle_heap()->int:

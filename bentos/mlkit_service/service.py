@@ -4,7 +4,7 @@ the ReloadWatcher.
 
 Run it with `mlkit serve` (models from the project's registry and model store) or build it with `mlkit build`
 (models bundled in the bento). Endpoints: POST /predict, POST /feedback, GET /metadata, POST /admin/reload,
-BentoML's /livez, /readyz and /metrics.
+BentoML's /livez, /readyz and /metrics; GET /docs.json is the OpenAPI document the gatekeeper makes (`openapi_spec`).
 """
 import json, os, sys
 from pathlib import Path
@@ -93,8 +93,9 @@ class MlkitService:
 
     @bentoml.api(route='/admin/reload')
     def reload(self) -> dict:
-        "Reload the champion and challenger (after a promotion or rollback) in every worker; in-flight requests finish on the old ones"
-        return self.watcher.reload().describe()
+        "Reload the champion and challenger (after a promotion or rollback) in every worker; in-flight requests finish on the old ones; 503 naming why it failed"
+        status, body = svc.answer_reload(self.watcher, serving=self.state is not None)
+        return body if status == 200 else JSONResponse(body, status_code=status)
 
     def __is_ready__(self) -> bool:
         return self.state is not None
