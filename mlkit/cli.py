@@ -14,7 +14,7 @@ from typing import Annotated
 
 from fastcore.script import anno_parser
 import mlkit
-from .errors import MlkitError, NotAvailableError, RetrainRefused
+from .errors import MlkitError, RetrainRefused
 from .config import load_settings, describe
 
 # %% ../nbs/90_cli.ipynb #a04e3149
@@ -26,8 +26,6 @@ def command(f=None, *, name:str=None, pos:list=None):
     f._cli_pos = pos
     COMMANDS[name or f.__name__.rstrip('_').replace('_', '-')] = f
     return f
-
-def _not_yet(name): raise NotAvailableError(f"`mlkit {name}` is not available in this version of mlkit ({mlkit.__version__})")
 
 # %% ../nbs/90_cli.ipynb #7fcd03ef
 def format_table(rows:list[dict], cols:list[str]|None=None)->str:
@@ -269,10 +267,24 @@ def export(engine:Annotated[str, "what to write: k8s (Kubernetes manifests) or a
 
 # %% ../nbs/90_cli.ipynb #94961a37
 @command(pos=['path'])
-def new(path:str, # folder of the new project
+def new(path:str, # folder of the new project (new or empty, unless --force)
+        data:Annotated[str, "your CSV or Parquet file (copied into the project's data/)", {'opt': True, 'required': True}],
+        target:Annotated[str, "the column to predict", {'opt': True, 'required': True}],
+        task:Annotated[str, "what to predict (default: inferred from the target)", {'choices': ['classification', 'regression']}]=None,
+        id:str=None, # the entity id column (default: guessed; '' for none)
+        time:str=None, # the event time column (default: guessed; '' for none)
+        name:str=None, # the project's name (default: the folder's)
+        force:bool=False, # write into a folder that has files
        ):
-    "Create a new mlkit project folder"
-    _not_yet('new')
+    "Create a project around your data: settings.ini read off the table, a model notebook to edit, tests, make test and make demo"
+    from mlkit.kit import new_project  # on use: `mlkit --help` must not load ML libraries
+    res = new_project(path, data, target, task, id, time, name, force)
+    s, why = res['settings'], res['settings']['why']
+    print(f"created {res['path']} (project {res['name']}, package {res['package']}) from {s['rows']:,} rows")
+    for k, label in (('task', 'task'), ('id_column', 'id column'), ('time_column', 'time column'), ('primary_metric', 'primary metric'), ('slices', 'slices')):
+        v = ', '.join(s[k]) if k == 'slices' else s[k]
+        print(f"  {label}: {v or 'none'}" + (f"  ({why[k]})" if k in why else ''))
+    print(f"next: cd {res['path']} && make test && make demo; the model is make_model in nbs/00_model.ipynb")
 
 # %% ../nbs/90_cli.ipynb #a22d3b22
 @command

@@ -11,7 +11,7 @@ from . import __version__
 from .contract import features, target_classes
 from concurrent.futures import ThreadPoolExecutor
 from .errors import PredictionLogError
-from .logrules import check_feedback
+from .logrules import SOURCE_PATTERN, check_feedback
 
 _logger = logging.getLogger('mlkit.gatekeeper')
 
@@ -262,7 +262,9 @@ def _schemas(contract:dict|None, unknown_category:str, max_records:int, max_reco
     else: record, label, prediction, proba = dict(type='object', properties=dict(request_id=_RECORD_ID)), {}, {}, {}
     item = dict(type='object', required=['request_id', 'label'], additionalProperties=False,
                 properties=dict(request_id=dict(_REQUEST_ID, description='the request_id of an answered prediction'),
-                                label=dict(label, description="the true value: a class of the champion or a number for a regression")))
+                                label=dict(label, description="the true value: a class of the champion or a number for a regression"),
+                                source=dict(type='string', pattern=f"^{SOURCE_PATTERN.pattern}$", minLength=1, maxLength=64,
+                                            description="who sends the label (a system or team); monitoring checks each source's labels on their own")))
     answer = dict(type='object', required=['request_id', 'prediction', 'probabilities', 'model', 'variant', 'warnings', 'ignored_fields'],
                   properties=dict(request_id=dict(type='string'), prediction=prediction, probabilities=proba, model=dict(type='string'),
                                   variant=dict(type='string', enum=['champion', 'challenger']),

@@ -12,7 +12,8 @@ import pandas as pd
 from .errors import DataError
 
 # %% auto #0
-__all__ = ['MIN_ROWS', 'infer_settings']
+__all__ = ['MIN_ROWS', 'MAKEFILE', 'CI', 'GITIGNORE', 'README', 'TEST', 'infer_settings', 'package_name', 'model_notebook',
+           'settings_text', 'pyproject_text', 'new_project']
 
 # %% ../nbs/92_kit.ipynb #1bd200ec
 MIN_ROWS = 100 # labelled rows a new project needs (a golden holdout, a test split and a training split come out of them)
@@ -96,3 +97,342 @@ def infer_settings(df:pd.DataFrame, # the user's table
     why['slices'] = f"few values, each on 5 % of the rows or more" if slices else 'no text or boolean column with few, well-filled values'
     return dict(task=task, target=target, id_column=id_column or '', time_column=time_column or '', primary_metric=metric,
                 slices=slices, rows=len(df), labelled=labelled, why=why)
+
+# %% ../nbs/92_kit.ipynb #d3158590
+import json, shutil, sys, textwrap, uuid
+from pathlib import Path
+
+from .data import read_table
+from .store import safe_name
+
+def package_name(name:str, # the project's name
+                )->str:
+    "A Python package name for the project `name`"
+    p = re.sub(r'[^0-9a-zA-Z]+', '_', name).strip('_').lower() or 'model'
+    return p if p[0].isalpha() else f"m_{p}"
+
+def _cell(kind:str, text:str, **meta)->dict:
+    c = dict(cell_type=kind, id=uuid.uuid4().hex[:8], metadata=meta, source=textwrap.dedent(text).strip('\n').splitlines(keepends=True))
+    if kind == 'code': c.update(execution_count=None, outputs=[])
+    return c
+
+def model_notebook(lib:str, # the project's package
+                   task:str, # classification or regression
+                  )->dict:
+    "The project's model notebook: `make_model`, an example transformer and their tests"
+    est = ('HistGradientBoostingClassifier', 'classification') if task == 'classification' else ('HistGradientBoostingRegressor', 'regression')
+    cells = [_cell('code', '#| default_exp model'),
+             _cell('markdown', f"""
+                # The model
+
+                > The estimator this project's retraining job fits: edit `make_model`, run `nbdev-export`, then `mlkit retrain`.
+
+                The retraining job builds the pipeline as mlkit's casting to the data contract, imputation, scaling and one-hot
+                encoding, then what `make_model` returns: any scikit-learn estimator ({est[1]}), or a `Pipeline` of your own
+                steps ending in one. Transformers of your own go in this notebook too; `[project] trusted_modules` in settings.ini
+                names this package (`{lib}`), so the model store loads them. Each is checked with scikit-learn's `check_estimator`."""),
+             _cell('code', f"""
+                #| export
+                import numpy as np
+                from sklearn.base import BaseEstimator, TransformerMixin
+                from sklearn.utils.validation import check_is_fitted, validate_data
+                from sklearn.ensemble import {est[0]}
+                from sklearn.pipeline import make_pipeline"""),
+             _cell('code', """
+                #| export
+                class ClipOutliers(TransformerMixin, BaseEstimator):
+                    "Clip each column to the quantiles `low` and `high` seen in fit (after scaling: outliers stop dominating)"
+                    def __init__(self, low:float=0.001, high:float=0.999): self.low, self.high = low, high
+
+                    def __sklearn_tags__(self):
+                        tags = super().__sklearn_tags__()
+                        tags.input_tags.allow_nan = True  # missing values pass through
+                        return tags
+
+                    def fit(self, X, y=None):
+                        X = validate_data(self, X, dtype=np.float64, ensure_all_finite='allow-nan')
+                        self.lo_, self.hi_ = np.nanquantile(X, self.low, axis=0), np.nanquantile(X, self.high, axis=0)
+                        return self
+
+                    def transform(self, X):
+                        check_is_fitted(self)
+                        X = validate_data(self, X, dtype=np.float64, ensure_all_finite='allow-nan', reset=False)
+                        return np.clip(X, self.lo_, self.hi_)"""),
+             _cell('code', """
+                from sklearn.utils.estimator_checks import check_estimator
+                check_estimator(ClipOutliers())  # raises, naming the check, when the transformer breaks scikit-learn's rules"""),
+             _cell('code', f"""
+                #| export
+                def make_model(seed:int=42, # the project's [train] seed
+                              ):
+                    "What the retraining job fits after mlkit's preprocessing"
+                    return make_pipeline(ClipOutliers(), {est[0]}(max_iter=200, learning_rate=0.08, random_state=seed))"""),
+             _cell('code', """
+                m = make_model(0)
+                assert m.get_params()['steps'][-1][1].random_state == 0""")]
+    return dict(cells=cells, metadata=dict(kernelspec=dict(display_name='python3', language='python', name='python3')), nbformat=4, nbformat_minor=5)
+
+# %% ../nbs/92_kit.ipynb #ecf924ef
+def settings_text(name:str, lib:str, data:str, s:dict)->str:
+    "settings.ini of a new project: `s` from `infer_settings`"
+    why = s['why']
+    return textwrap.dedent(f"""\
+        # {name}: mlkit project settings (`mlkit config --explain` prints every key, its value and what it means).
+        # Any key can be overridden from the environment as MLKIT_<SECTION>_<KEY>, e.g. MLKIT_SERVE_PORT=8080.
+
+        [project]
+        name = {name}
+        state_dir = .mlkit
+        # the project's own code a saved model may hold (the model notebook's transformers)
+        trusted_modules = {lib}
+
+        [data]
+        source = {data}
+        target = {s['target']}
+        # {why['task']}
+        task = {s['task']}
+        # {why.get('id_column', 'given')}
+        id_column = {s['id_column']}
+        # {why.get('time_column', 'given')}
+        timestamp_column = {s['time_column']}
+
+        [train]
+        # the model notebook's make_model (nbs/00_model.ipynb); or a name of mlkit.train.MODELS
+        model = {lib}.model:make_model
+        seed = 42
+
+        [gate]
+        # {why['primary_metric']}
+        primary_metric = {s['primary_metric']}
+        # {why['slices']}
+        slices = {', '.join(s['slices'])}
+
+        [serve]
+        port = 3000
+        workers = 2
+
+        [monitor]
+        psi_warn = 0.1
+        psi_alert = 0.25
+        max_model_age_days = 30
+        auto_retrain = false
+
+        [schedule]
+        retrain = 0 3 * * 1
+        monitor = 0 * * * *
+        """)
+
+def pyproject_text(name:str, lib:str, mlkit_req:str)->str:
+    return textwrap.dedent(f"""\
+        [build-system]
+        requires = ["setuptools>=77"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "{name}"
+        dynamic = ["version"]
+        description = "A model of {name}, made with mlkit"
+        readme = "README.md"
+        requires-python = ">=3.11"
+        dependencies = ["{mlkit_req}"]
+
+        [project.optional-dependencies]
+        dev = ["pytest>=8", "httpx>=0.27"]
+
+        [project.entry-points.nbdev]
+        {lib} = "{lib}._modidx:d"
+
+        [tool.setuptools.dynamic]
+        version = {{attr = "{lib}.__version__"}}
+
+        [tool.setuptools.packages.find]
+        include = ["{lib}"]
+
+        [tool.nbdev]
+        lib_path = "{lib}"
+
+        [tool.pytest.ini_options]
+        testpaths = ["tests"]
+        """)
+
+# %% ../nbs/92_kit.ipynb #aabc7261
+MAKEFILE = """\
+# The two commands: `make demo` and `make test`. Both create .venv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# the mlkit this project runs with: a source checkout (installed editable, so its upgrades arrive with `git pull`) or a pip requirement
+MLKIT  ?= {mlkit}
+
+.PHONY: install test demo export
+
+install:
+\t@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+\t@if [ -d "$(MLKIT)" ]; then c="$(MLKIT)/constraints.txt"; $(BIN)/python -m pip install --quiet $$( [ -f $$c ] && echo -c $$c ) -e "$(MLKIT)[dev]"; \\
+\t else $(BIN)/python -m pip install --quiet "$(MLKIT)"; fi
+\t@$(BIN)/python -m pip install --quiet --no-deps -e .
+
+export: install
+\t$(BIN)/nbdev-export
+
+test: export
+\t$(BIN)/nbdev-test --path nbs
+\t$(BIN)/pytest -q
+
+demo: export
+\t$(BIN)/mlkit demo
+"""
+
+CI = """\
+#!/usr/bin/env bash
+set -euo pipefail
+cd "$(dirname "$0")/.."
+make test
+"""
+
+GITIGNORE = """\
+# runtime state (model store, registry, prediction log, runs): see [project] state_dir
+.mlkit/
+.venv/
+__pycache__/
+*.egg-info/
+.ipynb_checkpoints/
+.pytest_cache/
+bentos/*.bento
+"""
+
+README = """\
+# {name}
+
+A model of `{target}` ({task}) from `{data}`, made with mlkit. Two commands do all the set-up:
+
+```sh
+make demo   # creates .venv if needed, installs, then retrains, serves, replays rows through HTTP, sends labels, monitors
+make test   # the same set-up, then the model notebook's tests and tests/
+```
+
+The model is `make_model` in `nbs/00_model.ipynb`: edit it, run `make export` (nbdev-export), then `mlkit retrain`.
+Settings are in `settings.ini` (`mlkit config --explain`); the jobs and the service are mlkit's (`mlkit --help`).
+"""
+
+TEST = """\
+"The project end to end on its own data: a retrain that promotes, a service that answers as the pipeline does, labels that join, a monitoring verdict"
+import json, os, signal, socket, subprocess, sys, time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from mlkit.config import load_settings
+from mlkit.data import read_table
+from mlkit.registry import Registry
+from mlkit.service import frame_to_records
+from mlkit.store import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def mlkit(*args, cwd, env=None):
+    e = {{k: v for k, v in os.environ.items() if not k.startswith('MLKIT_')}}
+    e.update(BENTOML_DO_NOT_TRACK='True', **(env or {{}}))
+    return subprocess.run([str(BIN/'mlkit'), *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=900)
+
+
+def free_port():
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def project(tmp_path_factory):
+    "A copy of the project's settings with its own state folder: the project's real state is untouched"
+    d = tmp_path_factory.mktemp('project')
+    text = (ROOT/'settings.ini').read_text().replace('state_dir = .mlkit', f"state_dir = {{d/'.mlkit'}}")
+    text = text.replace('source = data/', f"source = {{ROOT/'data'}}/")
+    (d/'settings.ini').write_text(text)
+    r = mlkit('retrain', cwd=d)
+    assert r.returncode in (0, 4), r.stdout[-2000:] + r.stderr[-3000:]
+    return load_settings(d/'settings.ini', env={{}})
+
+
+def test_the_model_notebook_is_the_model(project):
+    tag = Registry.from_settings(project).champion()['tag']
+    pipe, info = load_pipeline(tag, project)
+    assert info['metadata']['params']['estimator'] == '{lib}.model:make_model'
+    assert type(pipe.steps[-1][1]).__module__.startswith(('sklearn', '{lib}'))
+
+
+def test_the_service_answers_as_the_pipeline_does_and_takes_labels(project):
+    s = project
+    df = read_table(s.path(s.data.source), s.data.timestamp_column).head(100)
+    X = df.drop(columns=[s.data.target])
+    pipe, _ = load_pipeline(Registry.from_settings(s).champion()['tag'], s)
+    port = free_port()
+    env = {{k: v for k, v in os.environ.items() if not k.startswith('MLKIT_')}}
+    env.update(MLKIT_SETTINGS=str(s.file), MLKIT_SERVE_WORKERS='1', BENTOML_DO_NOT_TRACK='True')
+    proc = subprocess.Popen([str(BIN/'mlkit'), 'serve', '--port', str(port)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f'http://127.0.0.1:{{port}}'
+        for _ in range(360):
+            try:
+                if httpx.get(f'{{url}}/readyz', timeout=2).status_code == 200: break
+            except httpx.HTTPError: pass
+            assert proc.poll() is None, 'the service exited'
+            time.sleep(0.5)
+        r = httpx.post(f'{{url}}/predict', json={{'records': frame_to_records(X)}}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = [a['prediction'] for a in r.json()]
+        assert [str(g) for g in got] == [str(w) for w in pipe.predict(X)] or s.data.task == 'regression'
+        items = [dict(request_id=a['request_id'], label=(v.item() if hasattr(v, 'item') else v)) for a, v in zip(r.json(), df[s.data.target])]
+        r = httpx.post(f'{{url}}/feedback', json={{'items': [i for i in items if not pd.isna(i['label'])]}}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM); proc.wait(60)
+    r = mlkit('monitor', cwd=s.root)
+    assert r.returncode in (0, 4, 5), r.stdout[-2000:] + r.stderr[-3000:]
+"""
+
+# %% ../nbs/92_kit.ipynb #fb52647b
+def _mlkit_source()->str:
+    "The mlkit a new project installs: this checkout when mlkit runs from one, else the same version from the package index"
+    import mlkit
+    src = Path(mlkit.__file__).resolve().parents[1]
+    return str(src) if (src/'pyproject.toml').is_file() and (src/'nbs'/'jobs').is_dir() else f"mlkit=={mlkit.__version__}"
+
+def new_project(path:str|Path, # folder of the new project (must be empty or missing, unless `force`)
+                data:str|Path, # the user's CSV or Parquet file
+                target:str, # the column to predict
+                task:str|None=None, # classification or regression (None: inferred)
+                id_column:str|None=None, # entity id column (None: guessed)
+                time_column:str|None=None, # event time column (None: guessed)
+                name:str|None=None, # the project's name (default: the folder's)
+                force:bool=False, # write into a folder that has files
+               )->dict:
+    "Create a project around the table `data`; returns what was inferred, the package name and the files written"
+    d = Path(path).expanduser().resolve()
+    if d.exists() and not d.is_dir(): raise DataError(f"{d} is a file: give a folder for the new project")
+    if d.is_dir() and any(d.iterdir()) and not force: raise DataError(f"{d} is not empty: give a new folder, or --force to write into it")
+    src = Path(data).expanduser()
+    df = read_table(src)  # a missing or unreadable file is named here, before anything is written
+    s = infer_settings(df, target, task, id_column, time_column)
+    name = safe_name(name or d.name).lower()
+    lib = package_name(name)
+    d.mkdir(parents=True, exist_ok=True)
+    files = {}
+    def put(rel, text): (d/rel).parent.mkdir(parents=True, exist_ok=True); (d/rel).write_text(text); files[rel] = d/rel
+    (d/'data').mkdir(exist_ok=True)
+    shutil.copyfile(src, d/'data'/src.name); files[f"data/{src.name}"] = d/'data'/src.name
+    put('settings.ini', settings_text(name, lib, f"data/{src.name}", s))
+    put('pyproject.toml', pyproject_text(name, lib, 'mlkit'))
+    put('Makefile', MAKEFILE.format(mlkit=_mlkit_source()))
+    put('README.md', README.format(name=name, target=target, task=s['task'], data=f"data/{src.name}"))
+    put('.gitignore', GITIGNORE)
+    put('.ci/run', CI); (d/'.ci'/'run').chmod(0o755)
+    put(f'{lib}/__init__.py', '__version__ = "0.1.0"\n')
+    put('nbs/00_model.ipynb', json.dumps(model_notebook(lib, s['task']), indent=1, ensure_ascii=False) + '\n')
+    put('tests/test_project.py', TEST.format(lib=lib))
+    put('bentos/.gitkeep', '')
+    return dict(settings=s, name=name, package=lib, path=d, files=sorted(files))

@@ -57,10 +57,13 @@ def test_missing_settings_file(tmp_path):
     assert 'no settings.ini in' in r.stderr
 
 
-def test_not_yet_available_command(project):
-    r = mlkit('new', 'elsewhere', cwd=project)
-    assert r.returncode == 2
-    assert 'not available' in r.stderr
+def test_new_names_bad_input_and_writes_nothing(project, tmp_path):
+    for args, message in [(['--data', 'nope.csv', '--target', 'y'], 'nope.csv'),
+                          (['--data', str(tmp_path/'t.csv'), '--target', 'churn'], "target 'churn' is not a column of the data; did you mean 'churned'?")]:
+        (tmp_path/'t.csv').write_text('churned,x\n' + ''.join(f'{i % 2},{i}\n' for i in range(200)))
+        r = mlkit('new', str(tmp_path/'p'), *args, cwd=project)
+        assert r.returncode == 1 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr
+        assert not (tmp_path/'p').exists()
 
 
 def test_closed_pipe_is_quiet(project):
