@@ -40,9 +40,10 @@ def context_dir(settings:Settings, # the project's settings
 def service_env(settings:Settings, # the project's settings
                 **overrides, # more variables (None values are left out), e.g. MLKIT_SERVE_WORKERS=1
                )->dict:
-    "Environment for `bentoml` commands on this project: its model store, its settings, no usage tracking"
+    "Environment for `bentoml` commands on this project: its model store, its settings, no usage tracking; the project's folder importable (its own package, `[project] trusted_modules`)"
+    path = dict.fromkeys([str(source_root(settings)), str(settings.root), *filter(None, os.environ.get('PYTHONPATH', '').split(os.pathsep))])
     env = {**os.environ, 'BENTOML_HOME': str(store_home(settings)), 'MLKIT_SETTINGS': str(settings.file),
-           'BENTOML_DO_NOT_TRACK': 'True', 'PYTHONPATH': os.pathsep.join([str(source_root(settings)), os.environ.get('PYTHONPATH', '')]).rstrip(os.pathsep)}
+           'BENTOML_DO_NOT_TRACK': 'True', 'PYTHONPATH': os.pathsep.join(path)}
     env.update({k: str(v) for k, v in overrides.items() if v is not None})
     return env
 

@@ -289,10 +289,15 @@ def new(path:str, # folder of the new project (new or empty, unless --force)
 # %% ../nbs/90_cli.ipynb #a22d3b22
 @command
 def demo():
-    "Run the tour on the embedded default data set: retrain, refuse a poisoned batch, build and serve the bento, send traffic, monitor it, run the schedule once"
+    "Run the tour: on the embedded data set, retrain, refuse a poisoned batch, build and serve the bento, send traffic, monitor it, run the schedule once; on a project's own data, retrain, serve, replay rows, send labels, monitor"
     from unittest.mock import patch
     from mlkit.jobs import retrain as run_retrain  # on use: `mlkit --help` must not load ML libraries
-    from mlkit.demo import WebhookPrinter, monitoring_tour, poisoning_tour, schedule_tour, serving_tour  # as above
+    from mlkit.demo import WebhookPrinter, monitoring_tour, poisoning_tour, project_tour, schedule_tour, serving_tour  # as above
+    if not load_settings().data.source.startswith('builtin:'):  # a project on its own data (`mlkit new`)
+        s = load_settings()
+        print(f"mlkit {mlkit.__version__}: project {s.project.name!r}, data {s.data.source}, settings {s.file}\n")
+        project_tour(s)
+        return
     with WebhookPrinter() as hook:
         hooks = ', '.join([*load_settings().notify.webhooks, hook.url])
         with patch.dict(os.environ, MLKIT_NOTIFY_WEBHOOKS=hooks):  # the job kernels and `mlkit serve` inherit it

@@ -24,7 +24,7 @@ from .service import frame_to_records
 
 # %% auto #0
 __all__ = ['BAD_REQUESTS', 'WebhookPrinter', 'http', 'start_service', 'stop_service', 'send_day', 'serving_tour',
-           'monitoring_tour', 'poisoned_batch', 'poisoning_tour', 'schedule_tour']
+           'monitoring_tour', 'poisoned_batch', 'poisoning_tour', 'schedule_tour', 'project_tour']
 
 # %% ../nbs/95_demo.ipynb #5aada5c5
 def _free_port()->int:
@@ -233,3 +233,45 @@ def schedule_tour(settings:Settings)->int:
     rc = subprocess.run([str(exe), 'schedule', '--once', '--job', 'monitor'], env=env).returncode
     print(f"exit status {rc}")
     return rc
+
+# %% ../nbs/95_demo.ipynb #17607e33
+def _plain(v):
+    "A cell of a table as JSON takes it (numpy scalars as Python ones; missing as None)"
+    if v is None or (isinstance(v, float) and v != v) or v is pd.NaT: return None
+    return v.item() if isinstance(v, np.generic) else v
+
+def project_tour(settings:Settings, # a project on its own data (`mlkit new`)
+                 n:int=300, # rows of `[data] source` replayed through HTTP
+                 label_share:float=0.5, # share of them whose labels are sent back
+                )->dict:
+    "The tour of a project on its own data: retrain, serve, replay rows of the data through HTTP, send their labels, monitor; print as it goes"
+    from mlkit.data import read_table
+    from datetime import datetime, timezone
+    d = settings.data
+    print("== retraining job (papermill runs nbs/jobs/retrain.ipynb)", flush=True)
+    s = retrain(settings_path=str(settings.file), progress=False)
+    print(f"run {s['run_id']}: {s.get('model_tag')} {s.get('decision')}; champion {s.get('champion_after')}")
+    for r in s.get('reasons', []): print(f"  - {r}")
+    if not s.get('champion_after'): raise RuntimeError("no champion after the first retrain: see the reasons above")
+    df = read_table(settings.path(d.source) if not d.source.startswith('builtin:') else d.source, d.timestamp_column)
+    rows = df.sample(min(n, len(df)), random_state=settings.train.seed)
+    recs = frame_to_records(rows.drop(columns=[d.target]))
+    t0 = datetime.now(timezone.utc)
+    print(f"\n== the service: {len(recs)} rows of {d.source} replayed through HTTP, then {label_share:.0%} of their labels", flush=True)
+    proc, url = start_service(settings)
+    try:
+        answers = []
+        for i in range(0, len(recs), 25):
+            status, body = http('POST', f'{url}/predict', {'records': recs[i:i + 25]})
+            if status != 200: raise RuntimeError(f"/predict answered {status}: {body}")
+            answers += body
+        keep = np.random.default_rng(settings.train.seed).random(len(answers)) < label_share
+        items = [dict(request_id=a['request_id'], label=_plain(y)) for a, y, k in zip(answers, rows[d.target], keep) if k and _plain(y) is not None]
+        fb_status, fb = http('POST', f'{url}/feedback', {'items': items})
+        print(f"{len(answers)} answered by {sorted({a['model'] for a in answers})}; feedback {fb_status}: {fb}")
+    finally: stop_service(proc)
+    print("\n== the monitoring job (papermill runs nbs/jobs/monitor.ipynb)", flush=True)
+    m = monitor(t0.isoformat(), settings_path=str(settings.file), progress=False)
+    print(m['line'])
+    print(f"report: {m['report']}")
+    return dict(retrain=s, answered=len(answers), feedback=fb, monitor=m)

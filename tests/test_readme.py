@@ -48,6 +48,7 @@ def project(tmp_path_factory):
     ini = scratch_project(ROOT/'settings.ini', d)
     churn(n=1500, seed=3).to_parquet(d/'new.parquet')  # `--data new.parquet`
     skops.io.dump(elsewhere_model(churn(n=1500, seed=4)), d/'model.skops')  # `mlkit register model.skops`
+    churn(n=600, seed=5).to_csv(d/'customers.csv', index=False)  # `mlkit new my-model --data customers.csv`
     return ini
 
 
