@@ -27,7 +27,7 @@ from .contract import target_classes
 from .logrules import check_label
 from .predlog import PredictionLog
 from .privacy import logged_contract, parse_log_features
-from . import abtest, drift, guards, quality, servenv
+from . import drift, guards, quality, sequential, servenv
 
 # %% auto #0
 __all__ = ['LEVELS', 'EXIT_STATUS', 'Finding', 'MonitorRun', 'thresholds', 'holdout_eval', 'begin', 'measure_skew',
@@ -390,12 +390,20 @@ def measure_staleness(run:MonitorRun)->list[dict]:
 
 # %% ../nbs/63_monitor.ipynb #2af880b3
 def measure_ab(run:MonitorRun, win:LogWindow)->dict|None:
-    "The A/B verdict between the variants that answered (modes ab and canary)"
-    rows = win.rows[win.served]
-    if not (rows['variant'] == 'challenger').any(): return None
-    res = abtest.ab_test(rows, run.champion_meta['contract'], run.metric, alpha=run.thresholds['p_value'])
-    tags = rows.loc[rows['variant'] == 'challenger', 'model_tag'].value_counts()
-    res['challenger_tag'] = tags.index[0]
+    "The A/B verdict between the variants that answered (modes ab, canary, shadow): always valid however often the job reads it, with the sample-ratio check and the guardrails"
+    s, th, rows = run.settings.serve, run.thresholds, win.rows
+    challenger = (rows['variant'] == 'challenger').to_numpy()
+    if (challenger & win.served).any(): mode = s.mode if s.mode in ('ab', 'canary') else 'ab'
+    elif challenger.any(): mode = 'shadow'  # the challenger predicted the champion's requests, for the log only
+    else: return None
+    res = sequential.sequential_ab(rows, run.champion_meta['contract'], run.metric, alpha=th['p_value'], min_effect=run.settings.monitor.ab_min_effect,
+                                   mode=mode, share=s.challenger_share if s.mode == 'ab' else None,
+                                   max_latency_ratio=th['max_latency_ratio'], max_error_rate=th['max_error_rate'])
+    res['challenger_tag'] = rows.loc[challenger, 'model_tag'].value_counts().index[0]
+    srm = res['srm']
+    if srm['mismatch']: run.add('warn', 'ab', 'sample_ratio', f"A/B test: {srm['detail']}")
+    elif mode != 'shadow': run.add('note', 'ab', 'sample_ratio', f"A/B test: {srm['detail']}")
+    run.add('note', 'ab', 'guardrails', 'A/B guardrails: ' + '; '.join(f"{g['name']}: {g['detail']}" for g in res['guardrails']))
     if res['recommendation'] == 'promote_challenger':
         run.add('warn', 'ab', res['challenger_tag'], f"A/B test: {res['detail']}; promote it with `mlkit promote {res['challenger_tag']} --reason ...`")
     else: run.add('note', 'ab', res['challenger_tag'], f"A/B test: {res['detail']}")

@@ -17,24 +17,42 @@ from .quality import measure_labeled, operational, prepare_labeled, z_value
 from .simulate import simulated_log
 
 # %% auto #0
-__all__ = ['SECONDARY', 'MAX_LOOKS', 'SRM_P_VALUE', 'msprt', 'mixing_variance', 'always_valid', 'arm_moments', 'moments_diff',
-           'simulate_looks', 'simulated_ab_log', 'sequential_path', 'labels_needed', 'srm_check', 'guardrails',
-           'paired_test', 'sequential_ab']
+__all__ = ['MIXTURE', 'SECONDARY', 'MAX_LOOKS', 'SRM_P_VALUE', 'msprt', 'mixing_variance', 'always_valid', 'arm_moments',
+           'moments_diff', 'simulate_looks', 'simulated_ab_log', 'sequential_path', 'labels_needed', 'srm_check',
+           'guardrails', 'paired_test', 'sequential_ab']
 
 # %% ../nbs/65_sequential.ipynb #9e6869e3
+MIXTURE = ((1., 0.8), (4., 0.1), (16., 0.1)) # (scale of tau, weight): the normal N(0, tau²) and two wider ones, for effects far above the minimum
+
+def _log_lr(h, V, tau2:float, mixture)->np.ndarray:
+    "log Λ at a distance `h` of the estimate from the tested difference: the weighted sum of the normal mixtures' likelihood ratios"
+    terms = [math.log(w) + 0.5 * np.log(V / (V + t)) + t * h**2 / (2 * V * (V + t)) for t, w in ((tau2 * s * s, w) for s, w in mixture)]
+    return np.logaddexp.reduce(np.stack(np.broadcast_arrays(*terms)), axis=0)
+
+def _half(V, tau2:float, alpha:float, log_w:float=0.)->np.ndarray:
+    "Half-width of the interval of one normal mixture of weight exp(log_w): where its Λ reaches 1 / alpha"
+    return np.sqrt(V * (V + tau2) / tau2 * (np.log((V + tau2) / V) - 2 * (math.log(alpha) + log_w)))
+
 def msprt(diff, # estimated differences (any shape)
           var, # their variances (NaN: no test yet)
           tau2:float, # the mixing variance (`mixing_variance`)
           alpha:float, # significance level
+          mixture=MIXTURE, # (scale of tau, weight) pairs; ((1, 1),) is the single normal N(0, tau²)
          )->tuple[np.ndarray, np.ndarray]:
     "At each look: 1/Λ (the mixture likelihood ratio against no difference; capped at 1) and the half-width of the 1 - alpha interval"
     d, V = np.asarray(diff, float), np.asarray(var, float)
     ok = np.isfinite(d) & np.isfinite(V) & (V > 0)
     V1 = np.where(ok, V, 1.); d1 = np.where(ok, d, 0.)
-    log_lr = 0.5 * np.log(V1 / (V1 + tau2)) + tau2 * d1**2 / (2 * V1 * (V1 + tau2))
-    p = np.where(ok, np.minimum(1., np.exp(-np.clip(log_lr, -700, 700))), 1.)
-    half = np.where(ok, np.sqrt(V1 * (V1 + tau2) / tau2 * (np.log((V1 + tau2) / V1) - 2 * math.log(alpha))), np.inf)
-    return p, half
+    p = np.where(ok, np.minimum(1., np.exp(-np.clip(_log_lr(d1, V1, tau2, mixture), -700, 700))), 1.)
+    s0, w0 = mixture[0]
+    hi = _half(V1, tau2 * s0 * s0, alpha, math.log(w0)) # the first normal alone reaches 1 / alpha there: the mixture does, sooner
+    if len(mixture) > 1:
+        lo = np.zeros_like(hi)
+        for _ in range(60): # bisection: log Λ grows with the distance
+            mid = (lo + hi) / 2
+            over = _log_lr(mid, V1, tau2, mixture) >= -math.log(alpha)
+            lo, hi = np.where(over, lo, mid), np.where(over, mid, hi)
+    return p, np.where(ok, hi, np.inf)
 
 # %% ../nbs/65_sequential.ipynb #032e0170
 def _ratio(alpha:float)->tuple[float, float]:
@@ -55,10 +73,11 @@ def mixing_variance(min_effect:float, # smallest difference that matters, in the
 # %% ../nbs/65_sequential.ipynb #811ea17f
 def always_valid(diff, var, # estimated differences and their variances, looks along the last axis
                  tau2:float, alpha:float, # mixing variance and significance level
+                 mixture=MIXTURE, # see `msprt`
                 )->dict:
     "The always-valid p-value (running minimum of 1/Λ) and confidence sequence (running intersection) at each look, and the fixed-horizon p"
     d, V = np.asarray(diff, float), np.asarray(var, float)
-    p, half = msprt(d, V, tau2, alpha)
+    p, half = msprt(d, V, tau2, alpha, mixture)
     lo, hi = np.where(np.isfinite(half), d - half, -np.inf), np.where(np.isfinite(half), d + half, np.inf)
     with np.errstate(invalid='ignore', divide='ignore'): z = np.abs(d) / np.sqrt(V)
     p_fixed = np.where(np.isfinite(z), 2 * stats.norm.sf(np.nan_to_num(z)), 1.)
@@ -226,10 +245,10 @@ def labels_needed(var_champion:float, var_challenger:float, # per-row variance o
     tau2, total = mixing_variance(min_effect, alpha), lambda n_cl: math.ceil(n_cl * (1 + ratio))
     zb = stats.norm.ppf(power)
     fixed = s2 * (z_value(alpha) + zb)**2 / min_effect**2
-    seq = s2 * _ratio(alpha)[1] / min_effect**2 # the boundary is tightest, and equals min_effect, at V = tau2 / r*
-    g = lambda V: min_effect - zb * math.sqrt(V) - float(msprt(0., V, tau2, alpha)[1])
-    V_pow = optimize.brentq(g, 1e-12 * min_effect**2, min_effect**2 / zb**2 if zb > 0 else min_effect**2)
-    return dict(fixed_horizon=total(fixed), sequential=total(seq), sequential_at_power=total(s2 / V_pow))
+    half = lambda V: float(msprt(0., V, tau2, alpha)[1])
+    V_seq = optimize.brentq(lambda V: min_effect - half(V), 1e-12 * min_effect**2, min_effect**2) # an observed min_effect decides
+    V_pow = optimize.brentq(lambda V: min_effect - zb * math.sqrt(V) - half(V), 1e-12 * min_effect**2, V_seq) # ... and with `power` at one look
+    return dict(fixed_horizon=total(fixed), sequential=total(s2 / V_seq), sequential_at_power=total(s2 / V_pow))
 
 # %% ../nbs/65_sequential.ipynb #611839f1
 def _decide(last:dict|None, min_effect:float, alpha:float)->tuple[str, bool, str]:
@@ -266,7 +285,7 @@ def srm_check(log:pd.DataFrame, # a frame from `PredictionLog.read`
     res.update(champion=n - n1, challenger=n1, observed_share=n1 / n)
     if share is None and 'share' in u: share = float(pd.to_numeric(u['share'], errors='coerce').mean())
     if share is None or not np.isfinite(share):
-        return dict(res, detail="no configured share to compare with (canary: the log records no share): sample ratio not checked")
+        return dict(res, detail="no configured share to compare with (one is configured in ab mode only, and the log records none): sample ratio not checked")
     res['expected_share'] = share
     if not 0 < share < 1: return dict(res, detail=f"configured challenger share {share:g}: sample ratio not checked")
     chi = ((n1 - n*share)**2 / (n*share) + (n - n1 - n*(1 - share))**2 / (n*(1 - share)))
@@ -466,4 +485,5 @@ def _detail(res:dict, fixed:dict, paired:dict|None)->str:
             + (f" ({paired['pairs']:,} pairs)" if paired else ''))
     fh = f"fixed-horizon p = {fmt_num(fixed['p_value'], '.2g')} ({fixed['test']}), valid only when read once" if fixed['p_value'] is not None else ''
     if paired and paired.get('p_value') is not None: fh = f"paired p = {paired['p_value']:.2g} ({paired['test']}), unpaired {paired['p_unpaired']:.2g}; " + fh
+    if res['mode'] == 'shadow' and not paired: head += f" (shadow rows, tested unpaired: {m} is no mean of per-row values)"
     return f"{head}: {res['stop_reason']}" + (f"; {fh}" if fh else '')
