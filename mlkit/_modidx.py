@@ -386,6 +386,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.monitor.MonitorRun.unlogged': ('monitor.html#monitorrun.unlogged', 'mlkit/monitor.py'),
                                'mlkit.monitor.MonitorRun.window_text': ('monitor.html#monitorrun.window_text', 'mlkit/monitor.py'),
                                'mlkit.monitor._class_mix': ('monitor.html#_class_mix', 'mlkit/monitor.py'),
+                               'mlkit.monitor._experiment': ('monitor.html#_experiment', 'mlkit/monitor.py'),
                                'mlkit.monitor._freq': ('monitor.html#_freq', 'mlkit/monitor.py'),
                                'mlkit.monitor._label_rows': ('monitor.html#_label_rows', 'mlkit/monitor.py'),
                                'mlkit.monitor._previous_end': ('monitor.html#_previous_end', 'mlkit/monitor.py'),

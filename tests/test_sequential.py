@@ -9,7 +9,8 @@ from scipy import stats
 from conftest import ROOT
 from mlkit import monitor
 from mlkit.config import load_settings
-from mlkit.logwindow import LogWindow
+from mlkit.logwindow import LogWindow, read_log
+from mlkit.predlog import PredictionLog
 from mlkit.sequential import labels_needed, sequential_ab, sequential_path, simulate_looks, simulated_ab_log
 
 ALPHA, MIN_EFFECT = 0.01, 0.01
@@ -66,7 +67,7 @@ class Run:
         s = load_settings(ROOT/'settings.ini', env={})
         self.settings = dataclasses.replace(s, serve=dataclasses.replace(s.serve, mode=mode, challenger_share=share))
         self.thresholds = monitor.thresholds(self.settings)
-        self.metric, self.champion_meta = metric, dict(contract=contract)
+        self.metric, self.champion_meta, self.contract, self.until = metric, dict(contract=contract), contract, None
         self.findings, self.notes = [], []
 
     def add(self, level, kind, subject, detail):
@@ -126,3 +127,25 @@ def test_shadow_mode_paired_test_detects_what_the_unpaired_one_does_not():
     assert p['se_ratio'] > 2 and not res['srm']['checked'] and promoted(run)
     losses = sequential_ab(log, contract, 'log_loss', ALPHA, MIN_EFFECT, mode='shadow')['paired']
     assert losses['test'] == 'paired_t' and losses['se_paired'] < losses['se_unpaired'], losses
+
+
+def test_an_hourly_window_is_judged_on_the_whole_experiment(tmp_path):
+    # two days of an A/B test in a real prediction log; the monitoring run reads only the last hour, the verdict the whole experiment
+    log, contract = simulated_ab_log(3000, accuracy=(0.8, 0.9), share=0.5, days=2, seed=16)
+    plog = PredictionLog(f"sqlite:///{tmp_path/'log.db'}")
+    plog.log([dict(request_id=r.request_id, ts=r.ts.to_pydatetime(), variant=r.variant, model_tag=r.model_tag, features={}, prediction=r.prediction,
+                   proba={'0': r.proba_0, '1': r.proba_1}, latency_ms=r.latency_ms) for r in log.itertuples()])
+    plog.flush()
+    plog.feedback([dict(request_id=r.request_id, label=r.label) for r in log.itertuples() if r.label is not None])
+    end = log['ts'].max().ceil('h')
+    win = read_log(plog, contract, end - pd.Timedelta(hours=1), end)
+    run = Run(contract=contract)
+    run.until = end.to_pydatetime()
+    whole = monitor.measure_ab(run, win, plog)
+    hour = monitor.measure_ab(Run(contract=contract), win)
+    labeled = log[log['label'].notna()]
+    assert len(win.rows) < 200 and whole['experiment']['rows'] == len(log), whole['experiment']
+    assert whole['challenger']['n'] == (labeled['variant'] == 'challenger').sum() > 10 * hour['challenger']['n']
+    assert whole['recommendation'] == 'promote_challenger' and hour['recommendation'] == 'keep_collecting', (whole['detail'], hour['detail'])
+    assert whole['experiment']['since'] == log['ts'].min().isoformat()
+    plog.close()
