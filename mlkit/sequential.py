@@ -12,7 +12,7 @@ from scipy import optimize, stats
 
 from .abtest import VARIANT_NAMES, ab_test
 from .errors import QualityError
-from .metrics import HIGHER_IS_BETTER, fmt_num, fmt_share
+from .metrics import HIGHER_IS_BETTER, fmt_num
 from .quality import measure_labeled, operational, prepare_labeled, z_value
 from .simulate import simulated_log
 
@@ -40,6 +40,8 @@ def msprt(diff, # estimated differences (any shape)
           mixture=MIXTURE, # (scale of tau, weight) pairs; ((1, 1),) is the single normal N(0, tau²)
          )->tuple[np.ndarray, np.ndarray]:
     "At each look: 1/Λ (the mixture likelihood ratio against no difference; capped at 1) and the half-width of the 1 - alpha interval"
+    if not (all(w > 0 and s > 0 for s, w in mixture) and sum(w for _, w in mixture) <= 1 + 1e-9):
+        raise QualityError(f"mixture weights must be positive and sum to at most 1 (else the p-value is no longer valid), got {mixture}")
     d, V = np.asarray(diff, float), np.asarray(var, float)
     ok = np.isfinite(d) & np.isfinite(V) & (V > 0)
     V1 = np.where(ok, V, 1.); d1 = np.where(ok, d, 0.)
