@@ -11,6 +11,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 from .abtest import VARIANT_NAMES, ab_test
+from .contract import target_classes
 from .errors import QualityError
 from .metrics import HIGHER_IS_BETTER, fmt_num
 from .quality import measure_labeled, operational, prepare_labeled, z_value
@@ -354,16 +355,35 @@ def _mid_p(b:int, c:int)->float:
     return float(min(1., 2 * (stats.binom.cdf(k, n, 0.5) - 0.5 * stats.binom.pmf(k, n, 0.5))))
 
 def _pairs(log:pd.DataFrame, contract:dict, metric:str, alpha:float)->pd.DataFrame:
-    "One row per request answered by the champion and predicted by the shadow challenger, both labeled: ts, and each one's per-row value"
+    "One row per request answered by the champion and predicted by the shadow challenger, both labeled: ts, each one's per-row value (roc_auc: score, and the label y)"
     ok = pd.to_numeric(log['status'], errors='coerce').fillna(0).to_numpy() < 400
     sh = log['shadow'].astype(bool).to_numpy()
     out = {}
     for v, rows in (('champion', log[ok & ~sh & (log['variant'] == 'champion').to_numpy()]), ('challenger', log[ok & sh])):
         rows = rows.assign(shadow=False, variant=v).drop_duplicates('request_id')
         d = prepare_labeled(rows, contract, metric, 'paired_test')
-        i, x = _row_values(d, metric, alpha, np.flatnonzero(d['labeled']))
-        out[v] = pd.DataFrame({'request_id': rows['request_id'].to_numpy()[i], 'ts': rows['ts'].to_numpy()[i], v: x})
-    return out['champion'].merge(out['challenger'].drop(columns='ts'), on='request_id')
+        idx = np.flatnonzero(d['labeled'])
+        if metric == 'roc_auc': i = idx[d['usable'][idx]]; x, extra = d['P'][i, 1], dict(y=d['y'][i])
+        else: (i, x), extra = _row_values(d, metric, alpha, idx), {}
+        out[v] = pd.DataFrame({'request_id': rows['request_id'].to_numpy()[i], 'ts': rows['ts'].to_numpy()[i], v: x, **extra})
+    return out['champion'].merge(out['challenger'].drop(columns=[c for c in ('ts', 'y') if c in out['challenger']]), on='request_id')
+
+def _delong_paired(y:np.ndarray, a:np.ndarray, b:np.ndarray)->tuple[float, float, float]:
+    "Binary ROC AUC of scores `b` minus that of `a` on the same rows, its paired DeLong standard error, and the unpaired one"
+    pos = y == 1
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if min(n1, n0) < 2: return np.nan, np.nan, np.nan
+    def placements(s):
+        r = stats.rankdata(s)
+        return (r[pos] - stats.rankdata(s[pos])) / n0, 1 - (r[~pos] - stats.rankdata(s[~pos])) / n1
+    (a1, a0), (b1, b0) = placements(a), placements(b)
+    var = lambda x, m: x.var(ddof=1) / m
+    return (float(b1.mean() - a1.mean()), math.sqrt(var(b1 - a1, n1) + var(b0 - a0, n0)),
+            math.sqrt(var(a1, n1) + var(a0, n0) + var(b1, n1) + var(b0, n0)))
+
+def _pairable(contract:dict, metric:str)->bool:
+    "Whether `paired_test` can pair `metric`: a mean of per-row values, or roc_auc of a binary target"
+    return metric in _ROWWISE or (metric == 'roc_auc' and len(target_classes(contract) or []) == 2)
 
 def _paired_moments(k:np.ndarray, a:np.ndarray, b:np.ndarray, metric:str)->tuple[np.ndarray, np.ndarray]:
     "The paired difference (positive = challenger better) on the first `k` pairs, and its variance; rmse by the delta method on the squared errors"
@@ -381,31 +401,42 @@ def _paired_moments(k:np.ndarray, a:np.ndarray, b:np.ndarray, metric:str)->tuple
 
 def paired_test(log:pd.DataFrame, # a frame from `PredictionLog.read` in shadow mode: champion rows and shadow challenger rows, same request_id
                 contract:dict, # the champion's data contract
-                metric:str, # accuracy, log_loss, mae or rmse (the per-row metrics)
+                metric:str, # accuracy, log_loss, mae, rmse (the per-row metrics) or roc_auc (binary)
                 alpha:float=0.01, min_effect:float=0.01, freq:str='h', min_labeled:int=100,
                )->dict:
     "Shadow mode: both models answered the same requests, so the difference is tested paired; against the unpaired test of the same rows"
-    if metric not in _ROWWISE: raise QualityError(f"a paired test needs a metric that is a mean of per-row values ({', '.join(_ROWWISE)}); {metric} is not")
+    if not _pairable(contract, metric):
+        raise QualityError(f"a paired test needs a metric that is a mean of per-row values ({', '.join(_ROWWISE)}) or roc_auc of a binary target; {metric} is not")
     pr = _pairs(log, contract, metric, alpha).sort_values('ts', kind='stable')
     n, a, b = len(pr), pr['champion'].to_numpy(), pr['challenger'].to_numpy()
     res = dict(pairs=n, test=None, diff=None, p_value=None, se_paired=None, se_unpaired=None, p_unpaired=None, se_ratio=None, labels_factor=None)
     if n < max(min_labeled, 2): return dict(res, path=pd.DataFrame(), detail=f"{n} labeled pairs: a paired test needs {max(min_labeled, 2)}")
-    diff, V = _paired_moments(np.array([n]), a, b, metric)
-    diff, se_p = float(diff[0]), float(math.sqrt(V[0]))
-    va, vb = a.var(ddof=1) / n, b.var(ddof=1) / n
-    se_u = float(math.sqrt(va / (4 * a.mean()) + vb / (4 * b.mean())) if metric == 'rmse' else math.sqrt(va + vb))
-    p_u = float(2 * stats.norm.sf(abs(diff) / se_u)) if se_u > 0 else 1.
-    if metric == 'accuracy':
-        bb, cc = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-        test, p = 'mcnemar_mid_p', _mid_p(bb, cc)
-        res.update(champion_only=bb, challenger_only=cc)
-    else:
-        test = 'paired_t'
-        p = float(2 * stats.t.sf(abs(diff) / se_p, n - 1)) if se_p > 0 else float(diff == 0)
-    # the always-valid test of the paired differences, looked at every `freq` window
     looks = _looks(pr['ts'], freq)
+    if metric == 'roc_auc':
+        if len(looks) > MAX_LOOKS: looks = looks[np.unique(np.linspace(0, len(looks) - 1, MAX_LOOKS).round().astype(int))]
+        y = pr['y'].to_numpy()
+        diff, se_p, se_u = _delong_paired(y, a, b)
+        test, p = 'delong_paired', float(2 * stats.norm.sf(abs(diff) / se_p)) if se_p > 0 else 1.
+    else:
+        diff, V = _paired_moments(np.array([n]), a, b, metric)
+        diff, se_p = float(diff[0]), float(math.sqrt(V[0]))
+        va, vb = a.var(ddof=1) / n, b.var(ddof=1) / n
+        se_u = float(math.sqrt(va / (4 * a.mean()) + vb / (4 * b.mean())) if metric == 'rmse' else math.sqrt(va + vb))
+        if metric == 'accuracy':
+            bb, cc = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+            test, p = 'mcnemar_mid_p', _mid_p(bb, cc)
+            res.update(champion_only=bb, challenger_only=cc)
+        else:
+            test = 'paired_t'
+            p = float(2 * stats.t.sf(abs(diff) / se_p, n - 1)) if se_p > 0 else float(diff == 0)
+    p_u = float(2 * stats.norm.sf(abs(diff) / se_u)) if se_u > 0 else 1.
+    # the always-valid test of the paired differences, looked at every `freq` window
     k = np.searchsorted(pd.DatetimeIndex(pr['ts']).asi8, looks.asi8, side='left')
-    m, V = _paired_moments(k, a, b, metric)
+    if metric == 'roc_auc':
+        m, V = np.full(len(k), np.nan), np.full(len(k), np.nan)
+        for j, kk in enumerate(k):
+            if kk >= min_labeled: m[j], se, _ = _delong_paired(y[:kk], a[:kk], b[:kk]); V[j] = se**2
+    else: m, V = _paired_moments(k, a, b, metric)
     V = np.where(k >= min_labeled, V, np.nan)
     av = always_valid(m, V, mixing_variance(min_effect, alpha), alpha)
     path = pd.DataFrame(dict(at=looks, n_champion=k, n_challenger=k, diff=m, se=np.sqrt(V), **av))
@@ -453,7 +484,7 @@ def sequential_ab(log:pd.DataFrame, # a frame from `PredictionLog.read` (shadow 
     rows = _answered_as_arms(log, mode)
     fixed = ab_test(rows, contract, metric, alpha, power, min_effect, min_labeled)
     paired = None
-    if mode == 'shadow' and metric in _ROWWISE:
+    if mode == 'shadow' and _pairable(contract, metric):
         paired = paired_test(log, contract, metric, alpha, min_effect, freq, min_labeled)
         path = paired.pop('path')
     else: path = sequential_path(rows, contract, metric, alpha, min_effect, freq, min_labeled)
@@ -487,5 +518,5 @@ def _detail(res:dict, fixed:dict, paired:dict|None)->str:
             + (f" ({paired['pairs']:,} pairs)" if paired else ''))
     fh = f"fixed-horizon p = {fmt_num(fixed['p_value'], '.2g')} ({fixed['test']}), valid only when read once" if fixed['p_value'] is not None else ''
     if paired and paired.get('p_value') is not None: fh = f"paired p = {paired['p_value']:.2g} ({paired['test']}), unpaired {paired['p_unpaired']:.2g}; " + fh
-    if res['mode'] == 'shadow' and not paired: head += f" (shadow rows, tested unpaired: {m} is no mean of per-row values)"
+    if res['mode'] == 'shadow' and not paired: head += f" (shadow rows, tested unpaired: pairing needs per-row values or a binary AUC)"
     return f"{head}: {res['stop_reason']}" + (f"; {fh}" if fh else '')

@@ -127,6 +127,9 @@ def test_shadow_mode_paired_test_detects_what_the_unpaired_one_does_not():
     assert p['se_ratio'] > 2 and not res['srm']['checked'] and promoted(run)
     losses = sequential_ab(log, contract, 'log_loss', ALPHA, MIN_EFFECT, mode='shadow')['paired']
     assert losses['test'] == 'paired_t' and losses['se_paired'] < losses['se_unpaired'], losses
+    auc = sequential_ab(log, contract, 'roc_auc', ALPHA, MIN_EFFECT, mode='shadow')['paired']  # the project's default primary metric
+    print(f"shadow roc_auc: paired p {auc['p_value']:.2g} ({auc['test']}), unpaired p {auc['p_unpaired']:.2g}, se ratio {auc['se_ratio']:.2f}")
+    assert auc['test'] == 'delong_paired' and auc['p_value'] < ALPHA < auc['p_unpaired'], auc
 
 
 def test_an_hourly_window_is_judged_on_the_whole_experiment(tmp_path):
