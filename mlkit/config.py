@@ -151,6 +151,7 @@ class MonitorSettings:
     max_model_age_days: int = key(30, "a champion older than this is stale", _count)
     max_data_age_days: int = key(60, "training data older than this is stale", _count)
     auto_retrain: bool = key(False, "start the guarded retraining job when the verdict is `retrain`")
+    ab_min_effect: float = key(0.01, "smallest improvement of the primary metric worth promoting a challenger for, in the metric's units (accuracy, roc_auc, f1, r2: 0.01 is one point; log_loss: nats; rmse, mae: the target's units, so set it for regression); it sets the mixing variance of the always-valid A/B test, which decides fastest on a difference of this size", _positive)
 
 @dataclass(frozen=True)
 class ScheduleSettings:

@@ -11,23 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sqlalchemy as sa
 
 from .config import Settings
 from .data import read_table
 from .errors import JobFailed, MlkitError, ModelIntegrityError, MonitorError, RetrainRefused
 from .jobs import retrain
 from .db import time_window
-from .logwindow import LogWindow
+from .logwindow import LogWindow, read_log
 from .registry import Registry, default_actor
 from .jsonsafe import to_records
 from .runs import JobRun, load_champion, run_inline, start, succeed
 from .store import model_info, model_name
 from .metrics import check_metric
 from .contract import target_classes
-from .logrules import check_label
+from .logrules import check_label, predictions_table
 from .predlog import PredictionLog
 from .privacy import logged_contract, parse_log_features
-from . import abtest, drift, guards, quality, servenv
+from . import drift, guards, quality, sequential, servenv
 
 # %% auto #0
 __all__ = ['LEVELS', 'EXIT_STATUS', 'Finding', 'MonitorRun', 'thresholds', 'holdout_eval', 'begin', 'measure_skew',
@@ -389,13 +390,37 @@ def measure_staleness(run:MonitorRun)->list[dict]:
     return checks
 
 # %% ../nbs/63_monitor.ipynb #2af880b3
-def measure_ab(run:MonitorRun, win:LogWindow)->dict|None:
-    "The A/B verdict between the variants that answered (modes ab and canary)"
-    rows = win.rows[win.served]
-    if not (rows['variant'] == 'challenger').any(): return None
-    res = abtest.ab_test(rows, run.champion_meta['contract'], run.metric, alpha=run.thresholds['p_value'])
-    tags = rows.loc[rows['variant'] == 'challenger', 'model_tag'].value_counts()
-    res['challenger_tag'] = tags.index[0]
+def _experiment(run:MonitorRun, win:LogWindow, plog:PredictionLog, tag:str)->tuple[pd.DataFrame, datetime|None]:
+    "The experiment up to the window's end: from the challenger's first logged prediction, the rows of the window's champions and of that challenger"
+    t = predictions_table
+    with plog.engine.connect() as c:
+        start = c.execute(sa.select(sa.func.min(t.c.ts)).where(t.c.model_tag == tag, t.c.variant == 'challenger')).scalar()
+    start = None if start is None else pd.Timestamp(start).tz_localize('UTC') if pd.Timestamp(start).tzinfo is None else pd.Timestamp(start)
+    if start is None or (win.since is not None and start >= win.since): return win.rows, win.since
+    rows = read_log(plog, run.contract, start.to_pydatetime(), run.until).rows
+    champions = set(win.rows.loc[(win.rows['variant'] == 'champion').to_numpy(), 'model_tag'])
+    keep = np.where(rows['variant'] == 'challenger', rows['model_tag'] == tag, rows['model_tag'].isin(champions))
+    return rows[keep], start.to_pydatetime()
+
+def measure_ab(run:MonitorRun, win:LogWindow,
+               plog:PredictionLog|None=None, # the prediction log: the test then reads the experiment from the challenger's first prediction (None: the window only)
+              )->dict|None:
+    "The A/B verdict between the variants that answered (modes ab, canary, shadow): always valid however often the job reads it, with the sample-ratio check and the guardrails"
+    s, th, rows = run.settings.serve, run.thresholds, win.rows
+    challenger = (rows['variant'] == 'challenger').to_numpy()
+    if (challenger & win.served).any(): mode = s.mode if s.mode in ('ab', 'canary') else 'ab'
+    elif challenger.any(): mode = 'shadow'  # the challenger predicted the champion's requests, for the log only
+    else: return None
+    tag, since = rows.loc[challenger, 'model_tag'].value_counts().index[0], win.since
+    if plog is not None: rows, since = _experiment(run, win, plog, tag)
+    res = sequential.sequential_ab(rows, run.champion_meta['contract'], run.metric, alpha=th['p_value'], min_effect=run.settings.monitor.ab_min_effect,
+                                   mode=mode, share=s.challenger_share if s.mode == 'ab' else None,
+                                   max_latency_ratio=th['max_latency_ratio'], max_error_rate=th['max_error_rate'])
+    res.update(challenger_tag=tag, experiment=dict(since=since.isoformat() if since else None, rows=len(rows)))
+    srm = res['srm']
+    if srm['mismatch']: run.add('warn', 'ab', 'sample_ratio', f"A/B test: {srm['detail']}")
+    elif mode != 'shadow': run.add('note', 'ab', 'sample_ratio', f"A/B test: {srm['detail']}")
+    run.add('note', 'ab', 'guardrails', 'A/B guardrails: ' + '; '.join(f"{g['name']}: {g['detail']}" for g in res['guardrails']))
     if res['recommendation'] == 'promote_challenger':
         run.add('warn', 'ab', res['challenger_tag'], f"A/B test: {res['detail']}; promote it with `mlkit promote {res['challenger_tag']} --reason ...`")
     else: run.add('note', 'ab', res['challenger_tag'], f"A/B test: {res['detail']}")

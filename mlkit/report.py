@@ -12,7 +12,7 @@ from .profile import distribution
 
 # %% auto #0
 __all__ = ['plot_distributions', 'plot_drift_over_time', 'plot_scores', 'plot_class_mix', 'plot_predictions', 'plot_quality',
-           'plot_ab', 'plot_latency', 'as_png']
+           'plot_ab', 'plot_latency', 'plot_sequential', 'as_png']
 
 # %% ../nbs/64_report.ipynb #84356cf6
 def _cut(v, n:int=80)->str:
@@ -190,6 +190,33 @@ def plot_latency(rows:pd.DataFrame, # log rows: ts, variant, shadow, latency_ms
         ax.legend(fontsize=8)
         _time_axis(ax, windows, freq)
     ax.set_ylabel('ms'); ax.set_title('Model latency per batch')
+    fig.autofmt_xdate(); fig.tight_layout()
+    return fig
+
+# %% ../nbs/64_report.ipynb #a5d8f36c
+def plot_sequential(ab:dict, # from `mlkit.sequential.sequential_ab` (or its record in summary.json)
+                   ):
+    "The always-valid interval of the difference over the looks (the band narrows as labels arrive), and the always-valid and fixed-horizon p-values"
+    fig = Figure(figsize=(10, 4.5))
+    ax, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=[3, 2]))
+    d = pd.DataFrame(ab.get('path') if ab.get('path') is not None else [])
+    if len(d): d = d.assign(at=pd.to_datetime(d['at']), **{c: pd.to_numeric(d[c], errors='coerce') for c in ('diff', 'ci_low', 'ci_high', 'p_value', 'p_fixed')})
+    d = d[np.isfinite(d['ci_low']) & np.isfinite(d['ci_high'])] if len(d) else d
+    alpha, m = ab.get('alpha', 0.01), ab.get('metric', '')
+    if len(d):
+        ax.fill_between(d['at'], d['ci_low'], d['ci_high'], alpha=0.25, color='#4c72b0', label=f"always-valid {round(100 * (1 - alpha))}% interval")
+        ax.plot(d['at'], d['diff'], color='#4c72b0', lw=1, label='difference (challenger better > 0)')
+        ax2.semilogy(d['at'], d['p_value'].clip(lower=1e-12), color='#4c72b0', label='always-valid p')
+        ax2.semilogy(d['at'], d['p_fixed'].clip(lower=1e-12), color='#dd8452', ls='--', label='fixed-horizon p (valid read once)')
+        ax2.axhline(alpha, color='red', ls=':', lw=1, label=f"alpha {alpha:g}")
+        ax2.legend(fontsize=7, loc='lower left')
+        _time_axis(ax, d['at'])
+    else: ax.text(0.5, 0.5, 'too few labels per arm for a first look', ha='center', transform=ax.transAxes)
+    ax.axhline(0, color='grey', lw=1)
+    if ab.get('min_effect'): ax.axhline(ab['min_effect'], color='green', ls='--', lw=1, label=f"minimum effect {ab['min_effect']:g}")
+    ax.set_ylabel(f"{m} difference"); ax.legend(fontsize=7, loc='upper right')
+    ax.set_title(f"A/B, always valid: {ab.get('recommendation', '')}")
+    ax2.set_ylabel('p')
     fig.autofmt_xdate(); fig.tight_layout()
     return fig
 

@@ -63,7 +63,7 @@ def test_report_has_no_code_and_loads_nothing(monitored):
     assert 'Feature drift' in html and 'Quality with delayed labels' in html and 'Verdict' in html
     assert '<script src=' not in html and 'cdnjs' not in html
     images = re.findall(r'<img[^>]*src="data:image/png;base64,', html)
-    assert len(images) == 6, len(images)  # distributions, drift over time, scores, quality, A/B, latency: each once
+    assert len(images) == 7, len(images)  # distributions, drift over time, scores, quality, A/B, the always-valid A/B interval, latency: each once
 
 
 def test_report_renders_in_chromium_with_its_plots(monitored):
@@ -75,7 +75,7 @@ def test_report_renders_in_chromium_with_its_plots(monitored):
         png = b.screenshot()
         errors = b.errors()
     assert errors == []
-    assert len(images) == 6 and all(ok and w > 100 and h > 100 for ok, w, h in images), images
+    assert len(images) == 7 and all(ok and w > 100 and h > 100 for ok, w, h in images), images
     assert 'RETRAIN' in text and 'monthly_charges' in text
     px = imread(io.BytesIO(png))[..., :3]
     assert px.shape[0] > 1000 and px.shape[1] >= 1000
