@@ -65,9 +65,9 @@ def calibration(y_true, # true labels
     "Brier score, expected calibration error and the reliability bins (mean probability, observed share, rows) of class probabilities `proba`"
     y_true, proba = np.asarray(y_true), np.asarray(proba, dtype=float)
     onehot = (y_true[:, None] == np.asarray(classes, dtype=object)[None, :]).astype(float)
-    brier = float(((proba - onehot) ** 2).sum(1).mean()) if len(y_true) else None
     if len(classes) == 2: p, hit = proba[:, 1], onehot[:, 1]
     else: p, hit = proba.max(1), onehot[np.arange(len(y_true)), proba.argmax(1)]
+    brier = (float(((p - hit) ** 2).mean()) if len(classes) == 2 else float(((proba - onehot) ** 2).sum(1).mean())) if len(y_true) else None
     idx = np.minimum((p * bins).astype(int), bins - 1)
     rows = [dict(low=b / bins, high=(b + 1) / bins, n=int(m.sum()), mean_proba=float(p[m].mean()), observed=float(hit[m].mean()))
             for b in range(bins) if (m := idx == b).any()]
