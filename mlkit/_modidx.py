@@ -590,6 +590,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'mlkit.report.plot_scores': ('report.html#plot_scores', 'mlkit/report.py')},
             'mlkit.retrain': { 'mlkit.retrain.RetrainRun': ('retrain.html#retrainrun', 'mlkit/retrain.py'),
                                'mlkit.retrain.RetrainRun.metric': ('retrain.html#retrainrun.metric', 'mlkit/retrain.py'),
+                               'mlkit.retrain.RetrainRun.threads': ('retrain.html#retrainrun.threads', 'mlkit/retrain.py'),
                                'mlkit.retrain._git_commit': ('retrain.html#_git_commit', 'mlkit/retrain.py'),
                                'mlkit.retrain._is_simple': ('retrain.html#_is_simple', 'mlkit/retrain.py'),
                                'mlkit.retrain._pick_notes': ('retrain.html#_pick_notes', 'mlkit/retrain.py'),

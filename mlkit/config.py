@@ -108,6 +108,7 @@ class TrainSettings:
     model: str = key('', "one estimator to fit instead of picking among the candidates, e.g. random_forest ('' = pick among [train] candidates)")
     cv_folds: int = key(5, "folds of the seeded (stratified, for classification) cross-validation that picks the candidate", Check(lambda v: v >= 2, 'an integer of at least 2'))
     cv_max_rows: int = key(20000, "with more training rows than this, candidates are picked on one seeded validation split (test_size of the training split) instead of cross-validation", _count)
+    threads: int = key(1, "BLAS/OpenMP threads of each fit in the retraining job (0 = the libraries' default: every core); on a machine shared with other work, threads beyond the free cores slow gradient boosting down many times", _nonneg)
     calibrate: Literal['none', 'sigmoid', 'isotonic'] = key('none', "wrap the chosen classifier in CalibratedClassifierCV (sigmoid or isotonic, cv_folds folds of the training split; the golden holdout is never used); none: its probabilities as they come")
     seed: int = key(42, "random seed for splits and estimators: same data and seed give the same metrics")
     test_size: float = key(0.2, "share of rows held out for evaluation", _fraction)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 import mlkit
 from .contract import ContractReport, check_contract, infer_contract, features
@@ -45,6 +46,11 @@ class RetrainRun(JobRun):
         "The primary metric, checked against the task of the data (or of the champion)"
         task = self.summary.get('task') or (self.champion_meta or {}).get('task') or self.settings.data.task
         return check_metric(self.settings.gate.primary_metric, task, '[gate] primary_metric')
+
+    def threads(self):
+        "A context that holds BLAS/OpenMP to `[train] threads` threads (0: no limit) while the job fits and cross-validates"
+        n = self.settings.train.threads
+        return threadpool_limits(n) if n else threadpool_limits(None)
 
 # %% ../nbs/40_retrain.ipynb #d3664a40
 RATE_LIMIT_RULE = ("the rate limit refuses only scheduled and monitor-triggered retrains; manual ones are counted, never refused; "
@@ -163,7 +169,7 @@ def check_poisoning(run:RetrainRun, df:pd.DataFrame, contract:dict, report:Contr
     base = meta.get('label_noise')
     if run.champion_pipe is not None and holdout is not None and not isinstance(base, dict):  # older champions stored the share alone
         base = noise_reference(holdout, contract, run.champion_pipe, run.settings.train.seed)
-    checks, noise = poisoning_checks(df, contract, report, run.settings.gate, meta.get('profile'), run.champion_pipe,
+    with run.threads(): checks, noise = poisoning_checks(df, contract, report, run.settings.gate, meta.get('profile'), run.champion_pipe,
                                      base, run.settings.train.seed)
     run.summary['checks'] = [c.as_dict() for c in checks]
     run.summary['label_noise'] = noise
@@ -181,9 +187,10 @@ def train(run:RetrainRun, df:pd.DataFrame, contract:dict, model:str='', seed:int
         raise SettingsError(f"[train] calibrate = {t.calibrate} is for classifiers; the task is {contract['task']} (set calibrate = none)")
     begin_training(run)  # from here a failure counts for the rate limit
     tr, te = split(df[df[contract['target']].notna()], contract, t.test_size, seed)
-    best, table = pick(tr, contract, specs, run.metric, seed, t.cv_folds, t.cv_max_rows, t.test_size)
-    pipe = fit(tr, contract, best['name'], seed, best['params'], t.calibrate, t.cv_folds)
-    run.simple_pipe = pipe if best['simple'] and t.calibrate == 'none' else fit_simple(tr, contract)
+    with run.threads():
+        best, table = pick(tr, contract, specs, run.metric, seed, t.cv_folds, t.cv_max_rows, t.test_size)
+        pipe = fit(tr, contract, best['name'], seed, best['params'], t.calibrate, t.cv_folds)
+        run.simple_pipe = pipe if best['simple'] and t.calibrate == 'none' else fit_simple(tr, contract)
     run.summary['candidates'] = [{k: r[k] for k in ('label', 'name', 'params', 'metric', 'mean', 'sd', 'scores', 'scheme', 'chosen')} for r in table]
     run.summary['model'] = dict(estimator=best['name'], label=best['label'], seed=seed, hyperparameters=best['params'], calibrate=t.calibrate,
                                 picked='asked for' if asked or len(specs) == 1 and hyperparameters else f"by {table[0]['scheme']}" if len(table) > 1 else 'the only candidate',
