@@ -292,17 +292,20 @@ def candidate_specs(task:str, # classification or regression
             raise SettingsError(f"hyperparameters name {', '.join(sorted(k for k, v in hp.items() if isinstance(v, dict)))}, which are not candidates "
                                 f"({', '.join(names)}); give {{candidate: {{name: value}}}} for candidates, or {{name: value}} for one model")
         items = [(items[0][0], {**items[0][1], **hp})]  # a flat object: one model, the first candidate, as before candidates existed
+    errors, specs, seen = [], [], set()
     if bad := [n for n, _ in items if n not in MODELS.get(task, {})]:
-        raise SettingsError(f"[train] candidates: {', '.join(map(repr, bad))} {'is not a' if len(bad) == 1 else 'are not'} {task} model{'s' if len(bad) > 1 else ''}; "
-                            f"expected names among {', '.join([*MODELS.get(task, {}), 'linear'])}")
-    specs, seen = [], set()
+        errors.append(f"{', '.join(map(repr, bad))} {'is not a' if len(bad) == 1 else 'are not'} {task} model{'s' if len(bad) > 1 else ''}; "
+                      f"expected names among {', '.join([*MODELS.get(task, {}), 'linear'])}")
     for n, p in items:
         label = n + (f"({', '.join(f'{k}={v!r}' for k, v in p.items())})" if p else '')
-        if label in seen: continue
+        if label in seen or n in bad: continue
         try: make_estimator(task, n, 0, p)
-        except SettingsError as e: raise SettingsError(f"[train] candidates: {label}: {e}") from None
+        except SettingsError as e:
+            errors.append(f"{label}: {e}")
+            continue
         seen.add(label)
         specs.append(dict(name=n, params=p, label=label, simple=n == SIMPLE.get(task) and not p))
+    if errors: raise SettingsError('[train] candidates: ' + '; '.join(errors))  # every bad name and hyperparameter at once
     return specs
 
 # %% ../nbs/20_train.ipynb #ac748cc8
