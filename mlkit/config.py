@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_config.ipynb #e80bd344
 from __future__ import annotations
-import configparser, difflib, math, os, re
+import ast, configparser, difflib, math, os, re
 from dataclasses import dataclass, field, fields, MISSING
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,9 +15,10 @@ from croniter import croniter
 from .errors import SettingsError
 
 # %% auto #0
-__all__ = ['NOTIFY_EVENTS', 'SECTIONS', 'OPTIONAL_SECTIONS', 'ENV_PREFIX', 'Check', 'Rule', 'key', 'ProjectSettings',
-           'DataSettings', 'TrainSettings', 'GateSettings', 'ServeSettings', 'MonitorSettings', 'ScheduleSettings',
-           'NotifySettings', 'Settings', 'parse_value', 'find_settings', 'load_settings', 'describe']
+__all__ = ['NOTIFY_EVENTS', 'SECTIONS', 'OPTIONAL_SECTIONS', 'ENV_PREFIX', 'Check', 'Rule', 'key', 'parse_candidates',
+           'ProjectSettings', 'DataSettings', 'TrainSettings', 'GateSettings', 'ServeSettings', 'MonitorSettings',
+           'ScheduleSettings', 'NotifySettings', 'Settings', 'parse_value', 'find_settings', 'load_settings',
+           'describe']
 
 # %% ../nbs/01_config.ipynb #1d84eca3
 @dataclass(frozen=True)
@@ -63,6 +64,24 @@ def _log_feature(item): col, _, action = item.rpartition(':'); return bool(col.s
 _log_features = Check(lambda v: all(map(_log_feature, v)), "comma-separated COLUMN:drop or COLUMN:hash items, e.g. `email:drop, customer name:hash`")
 NOTIFY_EVENTS = ('warn', 'retrain', 'promotion', 'challenger', 'refused', 'rate_limit', 'failed', 'rollback', 'dependency')
 _events = Check(lambda v: set(v) <= set(NOTIFY_EVENTS), f"comma-separated events among {', '.join(NOTIFY_EVENTS)}")
+def parse_candidates(text:str, # `[train] candidates`, e.g. `hist_gradient_boosting(max_iter=100), linear`
+                    )->list[tuple[str, dict]]:
+    "(name, hyperparameters) of each comma-separated `NAME` or `NAME(key=value, ...)` item; `ValueError` saying what is wrong"
+    try: tree = ast.parse(f"[{text}]", mode='eval').body
+    except SyntaxError: raise ValueError(f"cannot read {text.strip()!r}") from None
+    out = []
+    for e in tree.elts:
+        if isinstance(e, ast.Name): out.append((e.id, {})); continue
+        if not (isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and not e.args and all(k.arg for k in e.keywords)):
+            raise ValueError(f"cannot read {ast.unparse(e)!r}")
+        try: out.append((e.func.id, {k.arg: ast.literal_eval(k.value) for k in e.keywords}))
+        except ValueError: raise ValueError(f"{ast.unparse(e)!r}: hyperparameter values must be numbers, text in quotes, True, False or None") from None
+    return out
+
+def _candidates_ok(v):
+    try: return bool(parse_candidates(v))
+    except ValueError: return False
+_candidates = Check(_candidates_ok, "comma-separated NAME or NAME(key=value, ...) items, e.g. `hist_gradient_boosting(max_iter=100), linear`")
 
 # %% ../nbs/01_config.ipynb #d45541d3
 @dataclass(frozen=True)
@@ -86,7 +105,12 @@ class DataSettings:
 @dataclass(frozen=True)
 class TrainSettings:
     "`[train]`: how the retraining job fits a model"
-    model: str = key('hist_gradient_boosting', "estimator at the end of the pipeline (see `mlkit.train`)")
+    candidates: str = key('hist_gradient_boosting, linear', "models the retraining job picks from by cross-validation on the training split: comma-separated names of `mlkit.train.MODELS`, each with optional hyperparameters, e.g. `hist_gradient_boosting(max_iter=100), linear` (`linear`: the task's linear model, logistic_regression or ridge); the simple model is fitted besides, as the reference the gate compares with", _candidates)
+    model: str = key('', "one estimator to fit instead of picking among the candidates, e.g. random_forest ('' = pick among [train] candidates)")
+    cv_folds: int = key(5, "folds of the seeded (stratified, for classification) cross-validation that picks the candidate", Check(lambda v: v >= 2, 'an integer of at least 2'))
+    cv_max_rows: int = key(20000, "with more training rows than this, candidates are picked on one seeded validation split (test_size of the training split) instead of cross-validation", _count)
+    threads: int = key(1, "BLAS/OpenMP threads of each fit in the retraining job (0 = the libraries' default: every core); on a machine shared with other work, threads beyond the free cores slow gradient boosting down many times", _nonneg)
+    calibrate: Literal['none', 'sigmoid', 'isotonic'] = key('none', "wrap the chosen classifier in CalibratedClassifierCV (sigmoid or isotonic, cv_folds folds of the training split; the golden holdout is never used); none: its probabilities as they come")
     seed: int = key(42, "random seed for splits and estimators: same data and seed give the same metrics")
     test_size: float = key(0.2, "share of rows held out for evaluation", _fraction)
     timeout_s: int = key(1800, "a retraining run that takes longer is stopped", _seconds)
@@ -99,6 +123,7 @@ class GateSettings:
     min_holdout_rows: int = key(200, "golden holdout rows from which a larger drop is allowed when its bootstrap interval reaches zero (the holdout cannot tell it from noise); a smaller holdout allows max_relative_drop instead", _count)
     max_relative_drop: float = key(0.02, "on a golden holdout smaller than min_holdout_rows: largest allowed drop of a metric as a share of the champion's value (when larger than tolerance)", _share)
     baseline_margin: float = key(0.02, "how much the model must beat a trivial baseline by", _share)
+    max_ece_increase: float = key(0.03, "classifiers: largest excess of the candidate's expected calibration error on the golden holdout over the simple model's or the champion's; a candidate worse calibrated than that is held back", _share)
     max_label_shift: float = key(0.10, "largest allowed change of the label distribution (total variation)", _share)
     max_feature_psi: float = key(0.25, "largest allowed PSI of any feature versus the champion's training data", _positive)
     max_duplicate_rate: float = key(0.05, "largest allowed share of duplicated rows", _share)

@@ -22,7 +22,8 @@ from .train import build_pipeline
 # %% auto #0
 __all__ = ['RESIDUAL_SDS', 'NOISE_MAX_ROWS', 'NO_SOURCE', 'Check', 'label_shift', 'feature_shift', 'duplicate_rows',
            'out_of_contract', 'label_noise', 'noise_reference', 'label_noise_check', 'logged_contradicted',
-           'feedback_checks', 'poisoning_checks', 'gate_decision', 'rate_limit']
+           'feedback_checks', 'poisoning_checks', 'simple_model_check', 'calibration_check', 'gate_decision',
+           'rate_limit']
 
 # %% ../nbs/14_guards.ipynb #0a6af738
 @dataclass
@@ -309,6 +310,31 @@ def _against_champion(metric:str, candidate:dict, champion:dict, gate, compariso
     return dict(decision='promote', reasons=[f"{first}; all checks passed", *notes.values()])
 
 
+# %% ../nbs/14_guards.ipynb #abf2c2b4
+def simple_model_check(metric:str, # the primary metric
+                       candidate:dict, # the candidate's metrics on the golden holdout
+                       simple:dict, # the simple model's metrics on the same rows
+                       comparison:dict, # `mlkit.train.compare(candidate, simple, holdout, ...)`
+                       label:str='the simple model', # how the sentence names it
+                      )->list[str]:
+    "A reason to hold the candidate back when it does not beat the simple model on `metric` beyond the holdout's noise (interval of the difference above zero); none otherwise"
+    ci = _interval(comparison, metric)
+    lo, hi, d = ci.get('ci_low'), ci.get('ci_high'), ci.get('delta')
+    if lo is not None and lo > 0: return []
+    interval = f", 95% interval [{lo:+.4g}, {hi:+.4g}]" if lo is not None and hi is not None else ''
+    return [f"not better than {label} beyond the golden holdout's noise: {metric} {fmt_num(candidate.get(metric))} vs {fmt_num(simple.get(metric))} "
+            f"(difference {fmt_num(d, '+.4g')}{interval})"]
+
+def calibration_check(candidate:dict, # the candidate's metrics on the golden holdout, with `ece` (classification)
+                      references:dict, # name -> metrics on the same rows, e.g. {'the simple model': ..., 'the champion': ...}
+                      gate, # `settings.gate`: `max_ece_increase`
+                     )->list[str]:
+    "Reasons to hold the candidate back: its expected calibration error more than `[gate] max_ece_increase` above a reference's"
+    if candidate.get('ece') is None: return []
+    return [f"worse calibrated than {name}: expected calibration error {candidate['ece']:.4f} vs {ref['ece']:.4f} on the golden holdout "
+            f"(limit +{gate.max_ece_increase:g}, [gate] max_ece_increase)"
+            for name, ref in references.items() if ref and ref.get('ece') is not None and candidate['ece'] - ref['ece'] > gate.max_ece_increase]
+
 # %% ../nbs/14_guards.ipynb #89ad8e85
 def gate_decision(checks:list[Check], # poisoning and integrity checks
                   metric:str, # primary metric
@@ -317,10 +343,18 @@ def gate_decision(checks:list[Check], # poisoning and integrity checks
                   champion:dict|None, # champion's metrics on the golden holdout (None: no champion)
                   gate, # `settings.gate`
                   comparison:dict|None=None, # `mlkit.train.compare(candidate, champion, holdout, ...)`
+                  simple:dict|None=None, # the simple model on the same holdout: metrics, comparison (candidate vs it), label, is_candidate
                  )->dict:
     "Decide `promote`, `challenger` or `reject`, with the reasons"
     if reasons := _rejections(checks, metric, candidate, baseline, gate): return dict(decision='reject', reasons=reasons)
-    if champion is not None: return _against_champion(metric, candidate, champion, gate, comparison)
+    held = []
+    if simple and not simple.get('is_candidate'):
+        held += simple_model_check(metric, candidate, simple['metrics'], simple['comparison'], f"the simple model ({simple.get('label', 'linear')})")
+    held += calibration_check(candidate, {'the simple model': (simple or {}).get('metrics'), 'the champion': champion}, gate)
+    if champion is not None:
+        d = _against_champion(metric, candidate, champion, gate, comparison)
+        return dict(decision='challenger', reasons=held + (d['reasons'] if d['decision'] == 'challenger' else [])) if held else d
+    if held: return dict(decision='challenger', reasons=held)
     return dict(decision='promote', reasons=[f"first model: {metric} {fmt_num(candidate.get(metric))}, baseline {fmt_num(baseline.get(metric))}; all checks passed"])
 
 # %% ../nbs/14_guards.ipynb #3c39af0d

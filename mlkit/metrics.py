@@ -10,8 +10,8 @@ from sklearn import metrics as skm
 from .errors import MetricError
 
 # %% auto #0
-__all__ = ['CLASSIFICATION_METRICS', 'REGRESSION_METRICS', 'METRICS', 'HIGHER_IS_BETTER', 'NEEDS_PROBA', 'check_metric', 'score',
-           'improvement', 'fmt_num', 'fmt_share', 'fmt_value']
+__all__ = ['CLASSIFICATION_METRICS', 'REGRESSION_METRICS', 'METRICS', 'HIGHER_IS_BETTER', 'NEEDS_PROBA', 'CALIBRATION_BINS',
+           'check_metric', 'score', 'calibration', 'improvement', 'fmt_num', 'fmt_share', 'fmt_value']
 
 # %% ../nbs/04_metrics.ipynb #ee204a77
 CLASSIFICATION_METRICS, REGRESSION_METRICS = ('roc_auc', 'accuracy', 'f1', 'log_loss'), ('rmse', 'mae', 'r2')
@@ -53,6 +53,26 @@ def score(y_true, # true labels or values
     except ValueError: res['roc_auc'] = None  # one class only in y_true
     res['log_loss'] = float(skm.log_loss(y_true, proba, labels=classes))
     return res
+
+# %% ../nbs/04_metrics.ipynb #1c7d1fa9
+CALIBRATION_BINS = 10 # equal-width probability bins of the expected calibration error
+
+def calibration(y_true, # true labels
+                proba, # class probabilities, columns in the order of `classes`
+                classes, # class labels
+                bins:int=CALIBRATION_BINS, # equal-width bins of the probability
+               )->dict:
+    "Brier score, expected calibration error and the reliability bins (mean probability, observed share, rows) of class probabilities `proba`"
+    y_true, proba = np.asarray(y_true), np.asarray(proba, dtype=float)
+    onehot = (y_true[:, None] == np.asarray(classes, dtype=object)[None, :]).astype(float)
+    if len(classes) == 2: p, hit = proba[:, 1], onehot[:, 1]
+    else: p, hit = proba.max(1), onehot[np.arange(len(y_true)), proba.argmax(1)]
+    brier = (float(((p - hit) ** 2).mean()) if len(classes) == 2 else float(((proba - onehot) ** 2).sum(1).mean())) if len(y_true) else None
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    rows = [dict(low=b / bins, high=(b + 1) / bins, n=int(m.sum()), mean_proba=float(p[m].mean()), observed=float(hit[m].mean()))
+            for b in range(bins) if (m := idx == b).any()]
+    ece = float(sum(r['n'] * abs(r['mean_proba'] - r['observed']) for r in rows) / len(y_true)) if len(y_true) else None
+    return dict(brier=brier, ece=ece, bins=rows, n=int(len(y_true)))
 
 # %% ../nbs/04_metrics.ipynb #6c4c601f
 def improvement(metric:str, # a metric name, a key of `HIGHER_IS_BETTER`

@@ -11,25 +11,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 import mlkit
 from .contract import ContractReport, check_contract, infer_contract, features
 from .data import file_sha256, fingerprint, read_table
 from .db import utcnow
-from .errors import DataError, RetrainRefused
-from .guards import Check, gate_decision, noise_reference, poisoning_checks, rate_limit
+from .errors import DataError, RetrainRefused, SettingsError
+from .guards import Check, calibration_check, gate_decision, noise_reference, poisoning_checks, rate_limit, simple_model_check
 from .jsonsafe import write_json
-from .metrics import check_metric
+from .metrics import check_metric, fmt_num
 from .preflight import parse_timestamps, preflight
 from .profile import profile
 from .registry import default_actor
 from .runs import JobRun, begin_training, counted_starts, load_champion, refuse, run_inline, start, succeed
 from .store import model_name, save_pipeline
-from .train import compare, evaluate, fit, fit_baseline, slice_metrics, split
+from .train import SIMPLE, candidate_specs, compare, evaluate, fit, fit_baseline, fit_simple, pick, reliability, slice_metrics, split
 
 # %% auto #0
 __all__ = ['RATE_LIMIT_RULE', 'AUTOMATIC_TRIGGERS', 'RetrainRun', 'begin', 'load', 'same_target', 'validate', 'golden_holdout',
-           'check_poisoning', 'train', 'assess', 'register', 'decide', 'finish', 'run_steps']
+           'check_poisoning', 'train', 'against_simple', 'assess', 'register', 'decide', 'finish', 'run_steps']
 
 # %% ../nbs/40_retrain.ipynb #5187884e
 @dataclass
@@ -38,12 +39,18 @@ class RetrainRun(JobRun):
     champion: dict|None = None # registry row of the champion when the run began
     champion_meta: dict|None = None # its stored metadata (contract, profile, label noise, metrics)
     champion_pipe: object = None # its pipeline, checked against its sha256
+    simple_pipe: object = None # the simple model fitted on the same training rows (`train`)
 
     @property
     def metric(self)->str:
         "The primary metric, checked against the task of the data (or of the champion)"
         task = self.summary.get('task') or (self.champion_meta or {}).get('task') or self.settings.data.task
         return check_metric(self.settings.gate.primary_metric, task, '[gate] primary_metric')
+
+    def threads(self):
+        "A context that holds BLAS/OpenMP to `[train] threads` threads (0: no limit) while the job fits and cross-validates"
+        n = self.settings.train.threads
+        return threadpool_limits(n) if n else threadpool_limits(None)
 
 # %% ../nbs/40_retrain.ipynb #d3664a40
 RATE_LIMIT_RULE = ("the rate limit refuses only scheduled and monitor-triggered retrains; manual ones are counted, never refused; "
@@ -162,7 +169,7 @@ def check_poisoning(run:RetrainRun, df:pd.DataFrame, contract:dict, report:Contr
     base = meta.get('label_noise')
     if run.champion_pipe is not None and holdout is not None and not isinstance(base, dict):  # older champions stored the share alone
         base = noise_reference(holdout, contract, run.champion_pipe, run.settings.train.seed)
-    checks, noise = poisoning_checks(df, contract, report, run.settings.gate, meta.get('profile'), run.champion_pipe,
+    with run.threads(): checks, noise = poisoning_checks(df, contract, report, run.settings.gate, meta.get('profile'), run.champion_pipe,
                                      base, run.settings.train.seed)
     run.summary['checks'] = [c.as_dict() for c in checks]
     run.summary['label_noise'] = noise
@@ -171,24 +178,62 @@ def check_poisoning(run:RetrainRun, df:pd.DataFrame, contract:dict, report:Contr
 
 # %% ../nbs/40_retrain.ipynb #34b8d0a1
 def train(run:RetrainRun, df:pd.DataFrame, contract:dict, model:str='', seed:int|None=None, hyperparameters:dict|None=None):
-    "Split, fit the pipeline and the trivial baseline; return (pipeline, baseline, test rows)"
+    "Split; pick among the candidates by cross-validation on the training rows; fit the winner, the simple model and the trivial baseline; return (pipeline, baseline, test rows)"
     t = run.settings.train
-    model, seed = model or t.model, t.seed if seed is None or seed < 0 else seed
+    seed = t.seed if seed is None or seed < 0 else seed
+    asked = model or t.model
+    specs = candidate_specs(contract['task'], t.candidates, asked, hyperparameters)  # bad names and hyperparameters: before the run counts
+    if t.calibrate != 'none' and contract['task'] != 'classification':
+        raise SettingsError(f"[train] calibrate = {t.calibrate} is for classifiers; the task is {contract['task']} (set calibrate = none)")
     begin_training(run)  # from here a failure counts for the rate limit
     tr, te = split(df[df[contract['target']].notna()], contract, t.test_size, seed)
-    pipe = fit(tr, contract, model, seed, hyperparameters)
-    run.summary['model'] = dict(estimator=model, seed=seed, hyperparameters=hyperparameters or {}, train_rows=len(tr), test_rows=len(te))
+    with run.threads():
+        best, table = pick(tr, contract, specs, run.metric, seed, t.cv_folds, t.cv_max_rows, t.test_size)
+        pipe = fit(tr, contract, best['name'], seed, best['params'], t.calibrate, t.cv_folds)
+        run.simple_pipe = pipe if best['simple'] and t.calibrate == 'none' else fit_simple(tr, contract)
+    run.summary['candidates'] = [{k: r[k] for k in ('label', 'name', 'params', 'metric', 'mean', 'sd', 'scores', 'scheme', 'chosen')} for r in table]
+    run.summary['model'] = dict(estimator=best['name'], label=best['label'], seed=seed, hyperparameters=best['params'], calibrate=t.calibrate,
+                                picked='asked for' if asked or len(specs) == 1 and hyperparameters else f"by {table[0]['scheme']}" if len(table) > 1 else 'the only candidate',
+                                train_rows=len(tr), test_rows=len(te))
     return pipe, fit_baseline(tr, contract), te
+
+def _is_simple(run:RetrainRun, pipe)->bool: return pipe is run.simple_pipe
+
+def against_simple(run:RetrainRun, pipe, holdout:pd.DataFrame, contract:dict):
+    "Compare the winner with the simple model on the golden holdout; return the pipeline to gate: the simple model when it took a picked winner's place"
+    s, metric, task = run.settings, run.metric, contract['task']
+    simple, label = run.simple_pipe, SIMPLE[task]
+    sm, cm = evaluate(simple, holdout, contract), evaluate(pipe, holdout, contract)
+    info = dict(estimator=label, metrics=sm, comparison=None, is_candidate=_is_simple(run, pipe), reasons=[], replaced=None)
+    if not info['is_candidate']:
+        info['comparison'] = compare(pipe, simple, holdout, contract, metric, seed=s.train.seed)
+        info['reasons'] = (simple_model_check(metric, cm, sm, info['comparison'], f"the simple model ({label})")
+                           + calibration_check(cm, {'the simple model': sm}, s.gate))
+    if info['reasons'] and run.summary['model']['picked'] != 'asked for':
+        info.update(replaced=run.summary['model']['label'], is_candidate=True)
+        run.summary['model'] = dict(run.summary['model'], estimator=label, label=label, hyperparameters={}, calibrate='none',
+                                    picked=f"the simple model, in place of {info['replaced']}")
+        pipe = simple
+    run.summary['simple'] = info
+    return pipe
 
 # %% ../nbs/40_retrain.ipynb #087b12a5
 def assess(run:RetrainRun, pipe, baseline, test:pd.DataFrame, holdout:pd.DataFrame, contract:dict)->dict:
-    "Metrics on the test split and the golden holdout, the baseline's and the champion's on the same holdout, and slices"
+    "Metrics on the test split and the golden holdout; the baseline's, the simple model's and the champion's on the same holdout; slices; calibration bins"
     s = run.settings
     m = dict(test=evaluate(pipe, test, contract), holdout=evaluate(pipe, holdout, contract),
              baseline=evaluate(baseline, holdout, contract), slices=slice_metrics(pipe, holdout, contract, s.gate.slices))
+    if run.simple_pipe is not None:
+        simple = run.summary.get('simple') or {}
+        m['simple'] = simple.get('metrics') or evaluate(run.simple_pipe, holdout, contract)
+        m['simple_comparison'] = None if _is_simple(run, pipe) else simple.get('comparison') or compare(pipe, run.simple_pipe, holdout, contract, run.metric, seed=s.train.seed)
+    if run.summary.get('candidates'): m['candidates'] = run.summary['candidates']
     if run.champion_pipe is not None:
         m['champion'] = evaluate(run.champion_pipe, holdout, contract)
         m['comparison'] = compare(pipe, run.champion_pipe, holdout, contract, run.metric, seed=s.train.seed)
+    if contract['task'] == 'classification':
+        pipes = dict(candidate=pipe, simple=run.simple_pipe, champion=run.champion_pipe)
+        m['calibration'] = {k: reliability(p, holdout, contract) for k, p in pipes.items() if p is not None}
     run.summary['metrics'] = m
     return m
 
@@ -220,16 +265,31 @@ def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contra
     return saved['tag']
 
 # %% ../nbs/40_retrain.ipynb #21b3b755
+def _pick_notes(run:RetrainRun)->list[str]:
+    "How the model was chosen, for the run's reasons: the candidates' cross-validated scores, and the simple model taking a winner's place"
+    rows, model, simple = run.summary.get('candidates') or [], run.summary.get('model') or {}, run.summary.get('simple') or {}
+    fmt = lambda r: f"{r['label']} {fmt_num(r['mean'])}" + (f" ± {fmt_num(r['sd'], '.2g')}" if r['sd'] is not None else '')
+    notes = []
+    if len(rows) > 1:
+        win = next(r for r in rows if r['chosen'])
+        notes.append(f"picked {win['label']} by {win['scheme']} on the training split ({win['metric']} {', '.join(fmt(r) for r in [win, *(r for r in rows if not r['chosen'])])})")
+    if simple.get('replaced'): notes.append(f"the simple model ({simple['estimator']}) took the place of {simple['replaced']}: {'; '.join(simple['reasons'])}")
+    return notes
+
 def decide(run:RetrainRun, tag:str, checks:list[Check], metrics:dict)->dict:
     "Apply the gate: promote `tag`, keep it as a challenger, or reject it"
     s = run.settings
     metric = run.metric
-    d = gate_decision(checks, metric, metrics['holdout'], metrics['baseline'], metrics.get('champion'), s.gate, metrics.get('comparison'))
+    simple = None
+    if 'simple' in metrics:
+        simple = dict(metrics=metrics['simple'], comparison=metrics.get('simple_comparison'), label=SIMPLE[run.summary['task']],
+                      is_candidate=metrics.get('simple_comparison') is None)
+    d = gate_decision(checks, metric, metrics['holdout'], metrics['baseline'], metrics.get('champion'), s.gate, metrics.get('comparison'), simple)
     reason = '; '.join(d['reasons'])
     if d['decision'] == 'promote': run.registry.promote(tag, 'mlkit retrain', f"gate passed: {reason}", kind='gate')
     elif d['decision'] == 'reject': run.registry.set_stage(tag, 'rejected', d['reasons'], actor='mlkit retrain', reason=reason)
     else: run.registry.set_stage(tag, 'challenger', d['reasons'], actor='mlkit retrain', reason=reason)
-    run.summary.update(decision=d['decision'], reasons=d['reasons'])
+    run.summary.update(decision=d['decision'], reasons=d['reasons'] + _pick_notes(run))
     return d
 
 # %% ../nbs/40_retrain.ipynb #72972d8f

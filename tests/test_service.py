@@ -25,17 +25,17 @@ H = {'Authorization': f'Bearer {API}'}
 
 @pytest.fixture(scope='module')
 def project(tmp_path_factory):
-    "A project with a champion (gradient boosting) and a newer challenger (logistic regression)"
+    "A project with a champion (the job's pick: logistic regression on churn) and a newer challenger (gradient boosting, asked for by name)"
     os.environ['MLKIT_SCHEDULE_MIN_RETRAIN_INTERVAL_HOURS'] = '0'
     try:
         ini = scratch_project(ROOT/'settings.ini', tmp_path_factory.mktemp('svc'))
         champ = run_steps(str(ini))['model_tag']
-        chal = run_steps(str(ini), model='logistic_regression')['model_tag']
+        chal = run_steps(str(ini), model='hist_gradient_boosting')['model_tag']
     finally: os.environ.pop('MLKIT_SCHEDULE_MIN_RETRAIN_INTERVAL_HOURS')
     s = load_settings(ini, env={})
     reg = Registry.from_settings(s)
     if reg.champion()['tag'] != champ:
-        reg.rollback('test', 'keep gradient boosting as champion')
+        reg.rollback('test', 'keep the first model as champion')
         reg.set_stage(chal, 'challenger', actor='test', reason='challenger for routing tests')
     return ini, champ, chal
 

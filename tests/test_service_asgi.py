@@ -21,15 +21,15 @@ SERVICE_MODULE = 'mlkit_bento_service'  # the bento's service.py, loaded from it
 
 @pytest.fixture(scope='module')
 def project(tmp_path_factory):
-    "A project with a champion (gradient boosting) and a newer challenger (logistic regression)"
+    "A project with a champion (the job's pick: logistic regression on churn) and a newer challenger (gradient boosting, asked for by name)"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv('MLKIT_SCHEDULE_MIN_RETRAIN_INTERVAL_HOURS', '0')
         ini = scratch_project(ROOT/'settings.ini', tmp_path_factory.mktemp('asgi'))
         champ = run_steps(str(ini))['model_tag']
-        chal = run_steps(str(ini), model='logistic_regression', force=True)['model_tag']
+        chal = run_steps(str(ini), model='hist_gradient_boosting', force=True)['model_tag']
     reg = Registry.from_settings(load_settings(ini, env={}))
     if reg.champion()['tag'] != champ:  # the gate promoted the newer one: put the first back
-        reg.rollback('test', 'keep gradient boosting as champion')
+        reg.rollback('test', 'keep the first model as champion')
         reg.set_stage(chal, 'challenger', actor='test', reason='challenger for the reload test')
     reg.close()
     return ini, champ, chal

@@ -29,7 +29,7 @@ def project(tmp_path_factory):
     "A multiclass project with a champion and a newer challenger"
     ini, _ = write_project(tmp_path_factory.mktemp('startup'), 'four_classes')
     first = run_steps(str(ini))['model_tag']
-    chal = run_steps(str(ini), model='logistic_regression', force=True)['model_tag']
+    chal = run_steps(str(ini), model='hist_gradient_boosting', force=True)['model_tag']
     s = load_settings(ini, env={})
     with Registry.from_settings(s) as reg:
         if reg.champion()['tag'] == chal:
