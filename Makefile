@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mlkit-installed
 SYNC_MSG := notebooks and library are out of sync: edit nbs/, run nbdev-export (and make readme), commit both
 TRACKED := find nbs mlkit README.md -type f ! -path '*/__pycache__/*' ! -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum
 
-.PHONY: demo test install test-deps sync-check clean-check export-check readme nbtest pytest bench lab test-airflow airflow-venv test-seeds test-demo
+.PHONY: demo test install test-deps sync-check clean-check export-check readme nbtest pytest bench lab test-airflow airflow-venv test-seeds test-demo test-kit
 
 ## (re)install when .venv is missing or pyproject.toml / constraints.txt changed (by content)
 install:
@@ -87,3 +87,8 @@ test-seeds: install
 ## `make demo` end to end in a scratch copy of the project (the tour's output checked step by step): minutes, so not in `make test`
 test-demo: install
 	MLKIT_DEMO_TEST=1 $(BIN)/pytest -q -p no:cacheprovider tests/demo
+
+## `mlkit new` on a binary, a multiclass and a regression table, then each new project's own `make test` and `make demo`
+## (each makes its own venv from the pip cache): minutes, so not in `make test`
+test-kit: install
+	MLKIT_KIT_TEST=1 $(BIN)/pytest -q -p no:cacheprovider tests/kit

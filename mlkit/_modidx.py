@@ -828,6 +828,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mlkit.train.fit_simple': ('train.html#fit_simple', 'mlkit/train.py'),
                              'mlkit.train.make_estimator': ('train.html#make_estimator', 'mlkit/train.py'),
                              'mlkit.train.pick': ('train.html#pick', 'mlkit/train.py'),
+                             'mlkit.train.project_estimator': ('train.html#project_estimator', 'mlkit/train.py'),
                              'mlkit.train.reliability': ('train.html#reliability', 'mlkit/train.py'),
                              'mlkit.train.slice_metrics': ('train.html#slice_metrics', 'mlkit/train.py'),
                              'mlkit.train.split': ('train.html#split', 'mlkit/train.py'),

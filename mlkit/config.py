@@ -66,15 +66,18 @@ NOTIFY_EVENTS = ('warn', 'retrain', 'promotion', 'challenger', 'refused', 'rate_
 _events = Check(lambda v: set(v) <= set(NOTIFY_EVENTS), f"comma-separated events among {', '.join(NOTIFY_EVENTS)}")
 def parse_candidates(text:str, # `[train] candidates`, e.g. `hist_gradient_boosting(max_iter=100), linear`
                     )->list[tuple[str, dict]]:
-    "(name, hyperparameters) of each comma-separated `NAME` or `NAME(key=value, ...)` item; `ValueError` saying what is wrong"
+    "(name, hyperparameters) of each comma-separated `NAME`, `MODULE:FUNCTION` or `NAME(key=value, ...)` item; `ValueError` saying what is wrong"
+    refs = {}
+    def _ref(m): refs[k := f"__mlkit_ref{len(refs)}__"] = m.group(0); return k  # a project's MODULE:FUNCTION is no Python name
+    text = re.sub(r'[A-Za-z_][\w.]*:[A-Za-z_]\w*', _ref, text)
     try: tree = ast.parse(f"[{text}]", mode='eval').body
     except SyntaxError: raise ValueError(f"cannot read {text.strip()!r}") from None
     out = []
     for e in tree.elts:
-        if isinstance(e, ast.Name): out.append((e.id, {})); continue
+        if isinstance(e, ast.Name): out.append((refs.get(e.id, e.id), {})); continue
         if not (isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and not e.args and all(k.arg for k in e.keywords)):
             raise ValueError(f"cannot read {ast.unparse(e)!r}")
-        try: out.append((e.func.id, {k.arg: ast.literal_eval(k.value) for k in e.keywords}))
+        try: out.append((refs.get(e.func.id, e.func.id), {k.arg: ast.literal_eval(k.value) for k in e.keywords}))
         except ValueError: raise ValueError(f"{ast.unparse(e)!r}: hyperparameter values must be numbers, text in quotes, True, False or None") from None
     return out
 

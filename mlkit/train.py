@@ -4,6 +4,7 @@
 
 # %% ../nbs/20_train.ipynb #05beb6d5
 from __future__ import annotations
+import importlib, sys
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
@@ -24,9 +25,9 @@ from .config import parse_candidates
 from .metrics import METRICS, calibration, check_metric, improvement, score
 
 # %% auto #0
-__all__ = ['MODELS', 'SIMPLE', 'ContractCaster', 'make_estimator', 'build_pipeline', 'split', 'with_calibration', 'fit',
-           'evaluate', 'reliability', 'slice_metrics', 'fit_baseline', 'compare', 'candidate_specs', 'cross_validate',
-           'pick', 'fit_simple']
+__all__ = ['MODELS', 'SIMPLE', 'ContractCaster', 'project_estimator', 'make_estimator', 'build_pipeline', 'split',
+           'with_calibration', 'fit', 'evaluate', 'reliability', 'slice_metrics', 'fit_baseline', 'compare',
+           'candidate_specs', 'cross_validate', 'pick', 'fit_simple']
 
 # %% ../nbs/20_train.ipynb #80088002
 def _plain_values(s:pd.Series, kind:str)->np.ndarray|pd.Series|None:
@@ -102,6 +103,21 @@ MODELS = {
 }
 SIMPLE = dict(classification='logistic_regression', regression='ridge') # the simple model of each task; `linear` in `[train] candidates`
 
+# %% ../nbs/20_train.ipynb #3040c45a
+def project_estimator(ref:str, # 'MODULE:FUNCTION', e.g. 'mypkg.model:make_model'
+                      seed:int=42, # passed to the function
+                     ):
+    "The unfitted estimator the project's function `ref` makes; `SettingsError` naming what is wrong"
+    mod, _, fn = ref.partition(':')
+    try: f = getattr(importlib.import_module(mod), fn)
+    except ImportError as e: raise SettingsError(f"[train] model {ref!r}: cannot import {mod!r} ({e}); run nbdev-export in the project, from its folder") from None
+    except AttributeError: raise SettingsError(f"[train] model {ref!r}: {mod} has no {fn!r}") from None
+    try: est = f(seed)
+    except Exception as e: raise SettingsError(f"[train] model {ref!r}: {fn}({seed}) failed: {type(e).__name__}: {e}") from None
+    if not (callable(getattr(est, 'fit', None)) and callable(getattr(est, 'get_params', None))):
+        raise SettingsError(f"[train] model {ref!r}: {fn}() returned a {type(est).__name__}, not a scikit-learn estimator")
+    return est
+
 # %% ../nbs/20_train.ipynb #549a4654
 def make_estimator(task:str, # classification or regression
                    name:str, # a model of `MODELS[task]` (`[train] candidates`)
@@ -110,9 +126,11 @@ def make_estimator(task:str, # classification or regression
                   ):
     "The estimator `name` for `task`, with hyperparameters `params` set and checked; a `SettingsError` names an unknown model, hyperparameter or value"
     if task not in MODELS: raise TrainError(f"unknown task {task!r}; expected one of {', '.join(MODELS)}")
-    if name not in MODELS[task]:
-        raise SettingsError(f"[train] model or candidates: {name!r} is not a {task} model; expected one of {', '.join([*MODELS[task], 'linear'])}")
-    est = MODELS[task][name](seed)
+    if ':' in name: est = project_estimator(name, seed)
+    elif name not in MODELS[task]:
+        raise SettingsError(f"[train] model or candidates: {name!r} is not a {task} model; expected one of {', '.join([*MODELS[task], 'linear'])}, "
+                            "or MODULE:FUNCTION of the project's own (e.g. the model notebook's mypkg.model:make_model)")
+    else: est = MODELS[task][name](seed)
     params = params or {}
     unknown = set(params) - set(est.get_params())
     if unknown: raise SettingsError(f"{name} has no hyperparameter {', '.join(sorted(unknown))}; it has {', '.join(sorted(est.get_params()))}")
@@ -293,7 +311,7 @@ def candidate_specs(task:str, # classification or regression
                                 f"({', '.join(names)}); give {{candidate: {{name: value}}}} for candidates, or {{name: value}} for one model")
         items = [(items[0][0], {**items[0][1], **hp})]  # a flat object: one model, the first candidate, as before candidates existed
     errors, specs, seen = [], [], set()
-    if bad := [n for n, _ in items if n not in MODELS.get(task, {})]:
+    if bad := [n for n, _ in items if n not in MODELS.get(task, {}) and ':' not in n]:
         errors.append(f"{', '.join(map(repr, bad))} {'is not a' if len(bad) == 1 else 'are not'} {task} model{'s' if len(bad) > 1 else ''}; "
                       f"expected names among {', '.join([*MODELS.get(task, {}), 'linear'])}")
     for n, p in items:
