@@ -206,7 +206,7 @@ def against_simple(run:RetrainRun, pipe, holdout:pd.DataFrame, contract:dict):
     sm, cm = evaluate(simple, holdout, contract), evaluate(pipe, holdout, contract)
     info = dict(estimator=label, metrics=sm, comparison=None, is_candidate=_is_simple(run, pipe), reasons=[], replaced=None)
     if not info['is_candidate']:
-        info['comparison'] = compare(pipe, simple, holdout, contract, metric, seed=s.train.seed)
+        info['comparison'] = compare(pipe, simple, holdout, contract, metric, seed=s.train.seed, only=(metric,))  # the simple model is judged on the primary metric
         info['reasons'] = (simple_model_check(metric, cm, sm, info['comparison'], f"the simple model ({label})")
                            + calibration_check(cm, {'the simple model': sm}, s.gate))
     if info['reasons'] and run.summary['model']['picked'] != 'asked for':
@@ -226,7 +226,7 @@ def assess(run:RetrainRun, pipe, baseline, test:pd.DataFrame, holdout:pd.DataFra
     if run.simple_pipe is not None:
         simple = run.summary.get('simple') or {}
         m['simple'] = simple.get('metrics') or evaluate(run.simple_pipe, holdout, contract)
-        m['simple_comparison'] = None if _is_simple(run, pipe) else simple.get('comparison') or compare(pipe, run.simple_pipe, holdout, contract, run.metric, seed=s.train.seed)
+        m['simple_comparison'] = None if _is_simple(run, pipe) else simple.get('comparison') or compare(pipe, run.simple_pipe, holdout, contract, run.metric, seed=s.train.seed, only=(run.metric,))
     if run.summary.get('candidates'): m['candidates'] = run.summary['candidates']
     if run.champion_pipe is not None:
         m['champion'] = evaluate(run.champion_pipe, holdout, contract)
