@@ -335,7 +335,7 @@ def cross_validate(df:pd.DataFrame, # the training split; rows without a label a
     scores = []
     for a, b in parts:
         pipe = build_pipeline(contract, spec['name'], seed, spec['params']).fit(df.iloc[a], y.iloc[a])
-        scores.append(score(y.iloc[b], *_outputs(pipe, df.iloc[b], contract), task=task).get(metric))
+        scores.append(score(y.iloc[b], *_outputs(pipe, df.iloc[b], contract), task=task, only=(metric,)).get(metric))
     ok = [s for s in scores if s is not None]
     return dict(mean=float(np.mean(ok)) if ok else None, sd=float(np.std(ok, ddof=1)) if len(ok) > 1 else None,
                 scores=scores, scheme=scheme, metric=metric)
