@@ -109,7 +109,7 @@ class DataSettings:
 class TrainSettings:
     "`[train]`: how the retraining job fits a model"
     candidates: str = key('hist_gradient_boosting, linear', "models the retraining job picks from by cross-validation on the training split: comma-separated names of `mlkit.train.MODELS`, each with optional hyperparameters, e.g. `hist_gradient_boosting(max_iter=100), linear` (`linear`: the task's linear model, logistic_regression or ridge); the simple model is fitted besides, as the reference the gate compares with", _candidates)
-    model: str = key('', "one estimator to fit instead of picking among the candidates, e.g. random_forest ('' = pick among [train] candidates)")
+    model: str = key('', "one estimator to fit instead of picking among the candidates, e.g. random_forest; the simple model may still take its place ('' = pick among [train] candidates)")
     cv_folds: int = key(5, "folds of the seeded (stratified, for classification) cross-validation that picks the candidate", Check(lambda v: v >= 2, 'an integer of at least 2'))
     cv_max_rows: int = key(20000, "with more training rows than this, candidates are picked on one seeded validation split (test_size of the training split) instead of cross-validation", _count)
     threads: int = key(1, "BLAS/OpenMP threads of each fit in the retraining job (0 = the libraries' default: every core); on a machine shared with other work, threads beyond the free cores slow gradient boosting down many times", _nonneg)

@@ -39,19 +39,26 @@ def score(y_true, # true labels or values
           proba=None, # class probabilities, columns in the order of `classes` (classification)
           classes=None, # class labels (classification)
           task:str='classification', # classification or regression
+          only=None, # metric names to compute (None: every metric of `task`); a bootstrap of one metric needs no other
          )->dict:
-    "Every metric of `task` for predictions `pred` (and class probabilities `proba`) against `y_true`, and n"
-    y_true = np.asarray(y_true)
+    "Every metric of `task` (or those in `only`) for predictions `pred` (and class probabilities `proba`) against `y_true`, and n"
+    y_true, want = np.asarray(y_true), (lambda m: only is None or m in only)
+    res = {}
     if task == 'regression':
-        return dict(rmse=float(np.sqrt(skm.mean_squared_error(y_true, pred))), mae=float(skm.mean_absolute_error(y_true, pred)),
-                    r2=float(skm.r2_score(y_true, pred)) if len(y_true) > 1 else None, n=int(len(y_true)))
-    res = dict(accuracy=float(skm.accuracy_score(y_true, pred)), n=int(len(y_true)))
+        if want('rmse'): res['rmse'] = float(np.sqrt(skm.mean_squared_error(y_true, pred)))
+        if want('mae'): res['mae'] = float(skm.mean_absolute_error(y_true, pred))
+        if want('r2'): res['r2'] = float(skm.r2_score(y_true, pred)) if len(y_true) > 1 else None
+        return dict(res, n=int(len(y_true)))
     binary = len(classes) == 2
-    present = [c for c in classes if c in set(y_true.tolist())] # macro-F1 over the classes present: one absent from a slice is no zero
-    res['f1'] = float(skm.f1_score(y_true, pred, average='binary' if binary else 'macro', pos_label=classes[1] if binary else 1, labels=None if binary else present, zero_division=0))
-    try: res['roc_auc'] = float(skm.roc_auc_score(y_true, proba[:, 1]) if binary else skm.roc_auc_score(y_true, proba, multi_class='ovr', labels=classes))
-    except ValueError: res['roc_auc'] = None  # one class only in y_true
-    res['log_loss'] = float(skm.log_loss(y_true, proba, labels=classes))
+    if want('accuracy'): res['accuracy'] = float(skm.accuracy_score(y_true, pred))
+    res['n'] = int(len(y_true))
+    if want('f1'):
+        present = [c for c in classes if c in set(y_true.tolist())] # macro-F1 over the classes present: one absent from a slice is no zero
+        res['f1'] = float(skm.f1_score(y_true, pred, average='binary' if binary else 'macro', pos_label=classes[1] if binary else 1, labels=None if binary else present, zero_division=0))
+    if want('roc_auc'):
+        try: res['roc_auc'] = float(skm.roc_auc_score(y_true, proba[:, 1]) if binary else skm.roc_auc_score(y_true, proba, multi_class='ovr', labels=classes))
+        except ValueError: res['roc_auc'] = None  # one class only in y_true
+    if want('log_loss'): res['log_loss'] = float(skm.log_loss(y_true, proba, labels=classes))
     return res
 
 # %% ../nbs/04_metrics.ipynb #1c7d1fa9

@@ -181,8 +181,8 @@ def train(run:RetrainRun, df:pd.DataFrame, contract:dict, model:str='', seed:int
     "Split; pick among the candidates by cross-validation on the training rows; fit the winner, the simple model and the trivial baseline; return (pipeline, baseline, test rows)"
     t = run.settings.train
     seed = t.seed if seed is None or seed < 0 else seed
-    asked = model or t.model
-    specs = candidate_specs(contract['task'], t.candidates, asked, hyperparameters)  # bad names and hyperparameters: before the run counts
+    asked = model  # the job's parameter: a manual choice, kept and held back by the gate; `[train] model` is a single candidate
+    specs = candidate_specs(contract['task'], t.candidates, model or t.model, hyperparameters)  # bad names and hyperparameters: before the run counts
     if t.calibrate != 'none' and contract['task'] != 'classification':
         raise SettingsError(f"[train] calibrate = {t.calibrate} is for classifiers; the task is {contract['task']} (set calibrate = none)")
     begin_training(run)  # from here a failure counts for the rate limit
@@ -206,7 +206,7 @@ def against_simple(run:RetrainRun, pipe, holdout:pd.DataFrame, contract:dict):
     sm, cm = evaluate(simple, holdout, contract), evaluate(pipe, holdout, contract)
     info = dict(estimator=label, metrics=sm, comparison=None, is_candidate=_is_simple(run, pipe), reasons=[], replaced=None)
     if not info['is_candidate']:
-        info['comparison'] = compare(pipe, simple, holdout, contract, metric, seed=s.train.seed)
+        info['comparison'] = compare(pipe, simple, holdout, contract, metric, seed=s.train.seed, only=(metric,))  # the simple model is judged on the primary metric
         info['reasons'] = (simple_model_check(metric, cm, sm, info['comparison'], f"the simple model ({label})")
                            + calibration_check(cm, {'the simple model': sm}, s.gate))
     if info['reasons'] and run.summary['model']['picked'] != 'asked for':
@@ -226,7 +226,7 @@ def assess(run:RetrainRun, pipe, baseline, test:pd.DataFrame, holdout:pd.DataFra
     if run.simple_pipe is not None:
         simple = run.summary.get('simple') or {}
         m['simple'] = simple.get('metrics') or evaluate(run.simple_pipe, holdout, contract)
-        m['simple_comparison'] = None if _is_simple(run, pipe) else simple.get('comparison') or compare(pipe, run.simple_pipe, holdout, contract, run.metric, seed=s.train.seed)
+        m['simple_comparison'] = None if _is_simple(run, pipe) else simple.get('comparison') or compare(pipe, run.simple_pipe, holdout, contract, run.metric, seed=s.train.seed, only=(run.metric,))
     if run.summary.get('candidates'): m['candidates'] = run.summary['candidates']
     if run.champion_pipe is not None:
         m['champion'] = evaluate(run.champion_pipe, holdout, contract)
@@ -267,7 +267,7 @@ def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contra
 # %% ../nbs/40_retrain.ipynb #21b3b755
 def _pick_notes(run:RetrainRun)->list[str]:
     "How the model was chosen, for the run's reasons: the candidates' cross-validated scores, and the simple model taking a winner's place"
-    rows, model, simple = run.summary.get('candidates') or [], run.summary.get('model') or {}, run.summary.get('simple') or {}
+    rows, simple = run.summary.get('candidates') or [], run.summary.get('simple') or {}
     fmt = lambda r: f"{r['label']} {fmt_num(r['mean'])}" + (f" ± {fmt_num(r['sd'], '.2g')}" if r['sd'] is not None else '')
     notes = []
     if len(rows) > 1:

@@ -267,20 +267,22 @@ def compare(new:Pipeline, # the candidate
             metric:str, # the metric given at the top level (the primary metric)
             n_boot:int=300, # bootstrap draws
             seed:int=0, # random seed of the draws
+            only:tuple|None=None, # the metrics to bootstrap (None: every metric of the task; `metric` always)
            )->dict:
-    "Paired bootstrap of every metric of the task (new minus old, oriented so positive is better) on the labeled rows of `df`"
+    "Paired bootstrap of every metric of the task, or those in `only` (new minus old, oriented so positive is better) on the labeled rows of `df`"
     df, task = _labeled(df, contract), contract['task']
     check_metric(metric, task)
+    names = [m for m in METRICS[task] if only is None or m in only or m == metric]
     if len(df) == 0: raise TrainError("no labeled rows to compare the two models on")
     y = df[contract['target']].to_numpy()
     a, b = _outputs(new, df, contract), _outputs(old, df, contract)
     def deltas(idx):
         (pa, qa, classes), (pb, qb, _) = a, b
-        sa = score(y[idx], pa[idx], None if qa is None else qa[idx], classes, task)
-        sb = score(y[idx], pb[idx], None if qb is None else qb[idx], classes, task)
-        return {m: improvement(m, sa.get(m), sb.get(m)) for m in METRICS[task]}
+        sa = score(y[idx], pa[idx], None if qa is None else qa[idx], classes, task, names)
+        sb = score(y[idx], pb[idx], None if qb is None else qb[idx], classes, task, names)
+        return {m: improvement(m, sa.get(m), sb.get(m)) for m in names}
     full = deltas(np.arange(len(y)))
-    rng, draws = np.random.default_rng(seed), {m: [] for m in METRICS[task]}
+    rng, draws = np.random.default_rng(seed), {m: [] for m in names}
     for _ in range(n_boot):
         for m, d in deltas(rng.integers(0, len(y), len(y))).items():
             if d is not None: draws[m].append(d)
@@ -351,7 +353,7 @@ def cross_validate(df:pd.DataFrame, # the training split; rows without a label a
     scores = []
     for a, b in parts:
         pipe = build_pipeline(contract, spec['name'], seed, spec['params']).fit(df.iloc[a], y.iloc[a])
-        scores.append(score(y.iloc[b], *_outputs(pipe, df.iloc[b], contract), task=task).get(metric))
+        scores.append(score(y.iloc[b], *_outputs(pipe, df.iloc[b], contract), task=task, only=(metric,)).get(metric))
     ok = [s for s in scores if s is not None]
     return dict(mean=float(np.mean(ok)) if ok else None, sd=float(np.std(ok, ddof=1)) if len(ok) > 1 else None,
                 scores=scores, scheme=scheme, metric=metric)

@@ -61,6 +61,11 @@ def test_on_linear_data_the_champion_is_at_least_as_good_as_the_simple_model(tmp
     assert tree['metrics']['holdout']['roc_auc'] < m['simple']['roc_auc'], tree['metrics']['holdout']
     assert tree['decision'] == 'challenger' and tree['champion_after'] == s['model_tag'], tree['reasons']
     assert any('not better than the simple model (logistic_regression)' in r for r in tree['reasons']), tree['reasons']
+    # `[train] model` in settings.ini is a single candidate: the simple model takes its place on this data
+    fresh_env.setenv('MLKIT_TRAIN_MODEL', 'hist_gradient_boosting')
+    single = run_steps(str(ini), force=True)
+    assert single['model']['picked'] == 'the simple model, in place of hist_gradient_boosting', single['model']
+    assert single['metrics']['holdout'] == m['holdout'] and single['decision'] == 'promote', single['reasons']
 
 
 def test_on_rare_positives_the_champion_is_calibrated(tmp_path, fresh_env):
