@@ -303,6 +303,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'mlkit.guards._robust_scale': ('guards.html#_robust_scale', 'mlkit/guards.py'),
                               'mlkit.guards._share_var': ('guards.html#_share_var', 'mlkit/guards.py'),
                               'mlkit.guards.calibration_check': ('guards.html#calibration_check', 'mlkit/guards.py'),
+                              'mlkit.guards.clearly_better': ('guards.html#clearly_better', 'mlkit/guards.py'),
                               'mlkit.guards.duplicate_rows': ('guards.html#duplicate_rows', 'mlkit/guards.py'),
                               'mlkit.guards.feature_shift': ('guards.html#feature_shift', 'mlkit/guards.py'),
                               'mlkit.guards.feedback_checks': ('guards.html#feedback_checks', 'mlkit/guards.py'),

@@ -22,8 +22,8 @@ from .train import build_pipeline
 # %% auto #0
 __all__ = ['RESIDUAL_SDS', 'NOISE_MAX_ROWS', 'NO_SOURCE', 'Check', 'label_shift', 'feature_shift', 'duplicate_rows',
            'out_of_contract', 'label_noise', 'noise_reference', 'label_noise_check', 'logged_contradicted',
-           'feedback_checks', 'poisoning_checks', 'simple_model_check', 'calibration_check', 'gate_decision',
-           'rate_limit']
+           'feedback_checks', 'poisoning_checks', 'simple_model_check', 'clearly_better', 'calibration_check',
+           'gate_decision', 'rate_limit']
 
 # %% ../nbs/14_guards.ipynb #0a6af738
 @dataclass
@@ -325,6 +325,11 @@ def simple_model_check(metric:str, # the primary metric
     return [f"not better than {label} beyond the golden holdout's noise: {metric} {fmt_num(candidate.get(metric))} vs {fmt_num(simple.get(metric))} "
             f"(difference {fmt_num(d, '+.4g')}{interval})"]
 
+def clearly_better(comparison:dict|None, # a paired comparison on the golden holdout (`mlkit.train.compare`: candidate minus reference, positive is better)
+                  )->bool:
+    "Whether the candidate is ahead of the reference on the primary metric beyond the holdout's noise (the interval's lower end above 0)"
+    return bool(comparison) and comparison.get('ci_low') is not None and comparison['ci_low'] > 0
+
 def calibration_check(candidate:dict, # the candidate's metrics on the golden holdout, with `ece` (classification)
                       references:dict, # name -> metrics on the same rows, e.g. {'the simple model': ..., 'the champion': ...}
                       gate, # `settings.gate`: `max_ece_increase`
@@ -350,7 +355,10 @@ def gate_decision(checks:list[Check], # poisoning and integrity checks
     held = []
     if simple and not simple.get('is_candidate'):
         held += simple_model_check(metric, candidate, simple['metrics'], simple['comparison'], f"the simple model ({simple.get('label', 'linear')})")
-    held += calibration_check(candidate, {'the simple model': (simple or {}).get('metrics'), 'the champion': champion}, gate)
+    # a reference the candidate ranks clearly better than is no yardstick for calibration: one that predicts the base rate is calibrated and useless
+    refs = {'the simple model': (simple or {}).get('metrics') if not clearly_better((simple or {}).get('comparison')) else None,
+            'the champion': champion if not clearly_better(comparison) else None}
+    held += calibration_check(candidate, refs, gate)
     if champion is not None:
         d = _against_champion(metric, candidate, champion, gate, comparison)
         return dict(decision='challenger', reasons=held + (d['reasons'] if d['decision'] == 'challenger' else [])) if held else d

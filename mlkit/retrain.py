@@ -18,7 +18,7 @@ from .contract import ContractReport, check_contract, infer_contract, features
 from .data import file_sha256, fingerprint, read_table
 from .db import utcnow
 from .errors import DataError, RetrainRefused, SettingsError
-from .guards import Check, calibration_check, gate_decision, noise_reference, poisoning_checks, rate_limit, simple_model_check
+from .guards import Check, calibration_check, clearly_better, gate_decision, noise_reference, poisoning_checks, rate_limit, simple_model_check
 from .jsonsafe import write_json
 from .metrics import check_metric, fmt_num
 from .preflight import parse_timestamps, preflight
@@ -208,7 +208,7 @@ def against_simple(run:RetrainRun, pipe, holdout:pd.DataFrame, contract:dict):
     if not info['is_candidate']:
         info['comparison'] = compare(pipe, simple, holdout, contract, metric, seed=s.train.seed, only=(metric,))  # the simple model is judged on the primary metric
         info['reasons'] = (simple_model_check(metric, cm, sm, info['comparison'], f"the simple model ({label})")
-                           + calibration_check(cm, {'the simple model': sm}, s.gate))
+                           + ([] if clearly_better(info['comparison']) else calibration_check(cm, {'the simple model': sm}, s.gate)))
     if info['reasons'] and run.summary['model']['picked'] != 'asked for':
         info.update(replaced=run.summary['model']['label'], is_candidate=True)
         run.summary['model'] = dict(run.summary['model'], estimator=label, label=label, hyperparameters={}, calibrate='none',

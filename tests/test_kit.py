@@ -77,8 +77,9 @@ def make_model(seed:int=42):
     sys.path.insert(0, str(project))  # the project's package, as its own venv would have it
     pipe, info = load_pipeline(Registry.from_settings(s).champion()['tag'], s)
     assert info['metadata']['params']['estimator'] == f'{lib}.model:make_model', info['metadata']['params']
-    assert [type(st).__name__ for st in pipe.steps[-1][1].steps] == ['ClipOutliers', 'KNeighborsClassifier']
-    assert type(pipe.steps[-1][1].steps[0]).__module__ == f'{lib}.model'
+    own = [st for _, st in pipe.steps[-1][1].steps]
+    assert [type(st).__name__ for st in own] == ['ClipOutliers', 'KNeighborsClassifier']
+    assert type(own[0]).__module__ == f'{lib}.model'
 
 
 def test_new_refuses_bad_input_and_writes_nothing(tmp_path):
