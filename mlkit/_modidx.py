@@ -819,6 +819,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mlkit.train._outputs': ('train.html#_outputs', 'mlkit/train.py'),
                              'mlkit.train._plain_values': ('train.html#_plain_values', 'mlkit/train.py'),
                              'mlkit.train._preprocessor': ('train.html#_preprocessor', 'mlkit/train.py'),
+                             'mlkit.train._warn_checks': ('train.html#_warn_checks', 'mlkit/train.py'),
                              'mlkit.train.build_pipeline': ('train.html#build_pipeline', 'mlkit/train.py'),
                              'mlkit.train.candidate_specs': ('train.html#candidate_specs', 'mlkit/train.py'),
                              'mlkit.train.compare': ('train.html#compare', 'mlkit/train.py'),

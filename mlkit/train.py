@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_train.ipynb #05beb6d5
 from __future__ import annotations
-import importlib, sys
+import importlib, sys, warnings
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
@@ -116,7 +116,24 @@ def project_estimator(ref:str, # 'MODULE:FUNCTION', e.g. 'mypkg.model:make_model
     except Exception as e: raise SettingsError(f"[train] model {ref!r}: {fn}({seed}) failed: {type(e).__name__}: {e}") from None
     if not (callable(getattr(est, 'fit', None)) and callable(getattr(est, 'get_params', None))):
         raise SettingsError(f"[train] model {ref!r}: {fn}() returned a {type(est).__name__}, not a scikit-learn estimator")
+    for step in (est.steps if isinstance(est, Pipeline) else [(None, est)]):
+        if not type(step[1]).__module__.split('.')[0] in ('sklearn', 'numpy', 'scipy', 'mlkit'): _warn_checks(step[1])
     return est
+
+_CHECKED = {}
+
+def _warn_checks(est):
+    "Warn, naming them, of the scikit-learn estimator checks a project's own estimator fails (once per class and parameters)"
+    from sklearn.utils.estimator_checks import check_estimator
+    key = (type(est).__module__, type(est).__qualname__, repr(sorted(est.get_params(deep=False).items(), key=str)))
+    if key not in _CHECKED:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            try: res = check_estimator(est, on_fail=None, on_skip=None)
+            except Exception as e: res = [dict(check_name='check_estimator', status='failed', exception=e)]
+        _CHECKED[key] = [f"{r['check_name']} ({type(r['exception']).__name__}: {str(r['exception'])[:80]})" for r in res if r.get('status') == 'failed']
+    if bad := _CHECKED[key]:
+        warnings.warn(f"{type(est).__name__} fails {len(bad)} of scikit-learn's estimator checks: {'; '.join(bad[:3])}" + ('; ...' if len(bad) > 3 else ''), stacklevel=3)
 
 # %% ../nbs/20_train.ipynb #549a4654
 def make_estimator(task:str, # classification or regression

@@ -20,12 +20,15 @@ def run(argv, cwd, env=None, timeout=1200):
 
 
 def quadrants(n=900, seed=0):
-    "Two classes by whether two measurements have the same sign (XOR), which no linear model separates; names with spaces, a categorical, a boolean, missing values, times"
+    """Two classes by whether two measurements have the same sign (XOR), which no linear model separates; names with spaces, a categorical with
+    missing values, a boolean with missing values, a categorical of 400 values, times"""
     rng = np.random.default_rng(seed)
     x, y = rng.normal(size=n), rng.normal(size=n)
     df = pd.DataFrame({'x pos': x, 'y pos': y, 'shop': rng.choice(['a', 'b', 'c'], n), 'member': rng.random(n) < 0.4,
                        'zone': np.where(x * y > 0, 'same sign', 'mixed')})
     df.loc[rng.random(n) < 0.03, 'shop'] = None
+    df['member'] = df['member'].astype(object).where(rng.random(n) >= 0.05, None)  # a boolean with missing values
+    df['store id'] = [f"store-{k}" for k in rng.integers(0, 400, n)]  # a high-cardinality categorical
     return _stamp(df, seed)
 
 
