@@ -629,7 +629,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.retrain.RetrainRun.threads': ('retrain.html#retrainrun.threads', 'mlkit/retrain.py'),
                                'mlkit.retrain._git_commit': ('retrain.html#_git_commit', 'mlkit/retrain.py'),
                                'mlkit.retrain._is_simple': ('retrain.html#_is_simple', 'mlkit/retrain.py'),
-                               'mlkit.retrain._loadable': ('retrain.html#_loadable', 'mlkit/retrain.py'),
                                'mlkit.retrain._pick_notes': ('retrain.html#_pick_notes', 'mlkit/retrain.py'),
                                'mlkit.retrain.against_simple': ('retrain.html#against_simple', 'mlkit/retrain.py'),
                                'mlkit.retrain.assess': ('retrain.html#assess', 'mlkit/retrain.py'),

@@ -249,19 +249,9 @@ def _git_commit(root:Path)->str:
 from .servenv import table_schema, versions  # the versions a service records too: monitoring compares them
 
 # %% ../nbs/40_retrain.ipynb #da7e0a54
-def _loadable(pipe, calibrate:str)->None:
-    "Stop the run before a model the store could not load again is saved (a champion that cannot load stops every later run)"
-    import skops.io as sio
-    from mlkit.store import TRUSTED_TYPES  # read at call time: the store's list as it is now
-    if extra := sorted(set(sio.get_untrusted_types(data=sio.dumps(pipe))) - set(TRUSTED_TYPES)):
-        raise SettingsError(f"[train] calibrate = {calibrate} wraps the model in CalibratedClassifierCV, whose types mlkit's model store "
-                            f"does not trust yet ({', '.join(extra)}), so it could not be loaded again; nothing was saved (set calibrate = none, "
-                            f"or add the types to mlkit.store.TRUSTED_TYPES once checked)")
-
 def register(run:RetrainRun, pipe, df:pd.DataFrame, holdout:pd.DataFrame, contract:dict, metrics:dict)->str:
     "Save the pipeline with its lineage into the model store and the registry (as a challenger); return its tag"
     s = run.settings
-    if run.summary.get('model', {}).get('calibrate', 'none') != 'none': _loadable(pipe, s.train.calibrate)
     noise = noise_reference(holdout, contract, pipe, s.train.seed)  # the baseline later batches are compared with
     meta = dict(run_id=run.run_id, task=contract['task'], target=contract['target'], features=features(contract),
                 primary_metric=run.metric, metrics=metrics,
