@@ -295,6 +295,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'mlkit.guards._against_champion': ('guards.html#_against_champion', 'mlkit/guards.py'),
                               'mlkit.guards._as_reference': ('guards.html#_as_reference', 'mlkit/guards.py'),
                               'mlkit.guards._contradicted': ('guards.html#_contradicted', 'mlkit/guards.py'),
+                              'mlkit.guards._ece_interval': ('guards.html#_ece_interval', 'mlkit/guards.py'),
                               'mlkit.guards._interval': ('guards.html#_interval', 'mlkit/guards.py'),
                               'mlkit.guards._metric_drop': ('guards.html#_metric_drop', 'mlkit/guards.py'),
                               'mlkit.guards._outlying_residuals': ('guards.html#_outlying_residuals', 'mlkit/guards.py'),

@@ -330,15 +330,26 @@ def clearly_better(comparison:dict|None, # a paired comparison on the golden hol
     "Whether the candidate is ahead of the reference on the primary metric beyond the holdout's noise (the interval's lower end above 0)"
     return bool(comparison) and comparison.get('ci_low') is not None and comparison['ci_low'] > 0
 
+def _ece_interval(comparison:dict|None)->tuple|None:
+    "The paired bootstrap interval of the calibration-error difference (reference minus candidate) in a `mlkit.train.compare` result, if it has one"
+    e = ((comparison or {}).get('metrics') or {}).get('ece') or {}
+    return (e['ci_low'], e['ci_high']) if e.get('ci_low') is not None else None
+
 def calibration_check(candidate:dict, # the candidate's metrics on the golden holdout, with `ece` (classification)
                       references:dict, # name -> metrics on the same rows, e.g. {'the simple model': ..., 'the champion': ...}
                       gate, # `settings.gate`: `max_ece_increase`
+                      comparisons:dict|None=None, # name -> `mlkit.train.compare(candidate, reference)`: with it, a rise within the holdout's noise is no reason
                      )->list[str]:
-    "Reasons to hold the candidate back: its expected calibration error more than `[gate] max_ece_increase` above a reference's"
+    "Reasons to hold the candidate back: its expected calibration error more than `[gate] max_ece_increase` above a reference's, and (given the paired comparison) worse beyond the holdout's noise"
     if candidate.get('ece') is None: return []
-    return [f"worse calibrated than {name}: expected calibration error {candidate['ece']:.4f} vs {ref['ece']:.4f} on the golden holdout "
-            f"(limit +{gate.max_ece_increase:g}, [gate] max_ece_increase)"
-            for name, ref in references.items() if ref and ref.get('ece') is not None and candidate['ece'] - ref['ece'] > gate.max_ece_increase]
+    out = []
+    for name, ref in references.items():
+        if not ref or ref.get('ece') is None or candidate['ece'] - ref['ece'] <= gate.max_ece_increase: continue
+        ci = _ece_interval((comparisons or {}).get(name))
+        if ci is not None and ci[1] >= 0: continue  # the paired interval reaches "no worse": the holdout cannot tell
+        out.append(f"worse calibrated than {name}: expected calibration error {candidate['ece']:.4f} vs {ref['ece']:.4f} on the golden holdout "
+                   f"(limit +{gate.max_ece_increase:g}, [gate] max_ece_increase" + (f"; paired 95% interval of the difference [{-ci[1]:+.4f}, {-ci[0]:+.4f}])" if ci else ")"))
+    return out
 
 # %% ../nbs/14_guards.ipynb #89ad8e85
 def gate_decision(checks:list[Check], # poisoning and integrity checks
@@ -358,7 +369,7 @@ def gate_decision(checks:list[Check], # poisoning and integrity checks
     # a reference the candidate ranks clearly better than is no yardstick for calibration: one that predicts the base rate is calibrated and useless
     refs = {'the simple model': (simple or {}).get('metrics') if not clearly_better((simple or {}).get('comparison')) else None,
             'the champion': champion if not clearly_better(comparison) else None}
-    held += calibration_check(candidate, refs, gate)
+    held += calibration_check(candidate, refs, gate, {'the simple model': (simple or {}).get('comparison'), 'the champion': comparison})
     if champion is not None:
         d = _against_champion(metric, candidate, champion, gate, comparison)
         return dict(decision='challenger', reasons=held + (d['reasons'] if d['decision'] == 'challenger' else [])) if held else d

@@ -208,7 +208,7 @@ def against_simple(run:RetrainRun, pipe, holdout:pd.DataFrame, contract:dict):
     if not info['is_candidate']:
         info['comparison'] = compare(pipe, simple, holdout, contract, metric, seed=s.train.seed, only=(metric,))  # the simple model is judged on the primary metric
         info['reasons'] = (simple_model_check(metric, cm, sm, info['comparison'], f"the simple model ({label})")
-                           + ([] if clearly_better(info['comparison']) else calibration_check(cm, {'the simple model': sm}, s.gate)))
+                           + ([] if clearly_better(info['comparison']) else calibration_check(cm, {'the simple model': sm}, s.gate, {'the simple model': info['comparison']})))
     if info['reasons'] and run.summary['model']['picked'] != 'asked for':
         info.update(replaced=run.summary['model']['label'], is_candidate=True)
         run.summary['model'] = dict(run.summary['model'], estimator=label, label=label, hyperparameters={}, calibrate='none',

@@ -293,13 +293,16 @@ def compare(new:Pipeline, # the candidate
     if len(df) == 0: raise TrainError("no labeled rows to compare the two models on")
     y = df[contract['target']].to_numpy()
     a, b = _outputs(new, df, contract), _outputs(old, df, contract)
+    calib = task == 'classification' and a[1] is not None and b[1] is not None  # the calibration error too: its noise decides the calibration check
     def deltas(idx):
         (pa, qa, classes), (pb, qb, _) = a, b
         sa = score(y[idx], pa[idx], None if qa is None else qa[idx], classes, task, names)
         sb = score(y[idx], pb[idx], None if qb is None else qb[idx], classes, task, names)
-        return {m: improvement(m, sa.get(m), sb.get(m)) for m in names}
+        out = {m: improvement(m, sa.get(m), sb.get(m)) for m in names}
+        if calib: out['ece'] = calibration(y[idx], qb[idx], classes)['ece'] - calibration(y[idx], qa[idx], classes)['ece']  # positive: new better calibrated
+        return out
     full = deltas(np.arange(len(y)))
-    rng, draws = np.random.default_rng(seed), {m: [] for m in names}
+    rng, draws = np.random.default_rng(seed), {m: [] for m in full}
     for _ in range(n_boot):
         for m, d in deltas(rng.integers(0, len(y), len(y))).items():
             if d is not None: draws[m].append(d)
